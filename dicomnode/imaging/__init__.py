@@ -1,0 +1,1 @@
+"""Imaging layer: DICOM series to volumes with geometry, and synthetic phantoms."""

@@ -1,0 +1,1 @@
+"""Inference layer: model bundles (card + ONNX model), preprocessing and the ONNX runner."""

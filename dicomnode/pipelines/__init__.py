@@ -1,0 +1,1 @@
+"""Pipelines: volume -> model bundles -> masks, findings and measurements."""

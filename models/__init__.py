@@ -1,0 +1,1 @@
+"""Training module (TensorFlow): architectures, DICOM datasets, training, evaluation."""
