@@ -17,6 +17,7 @@ Anatomy (patient coordinates, the volume centre at the origin):
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 from dataclasses import dataclass
@@ -418,8 +419,7 @@ def _study_header(spec: PhantomSpec, uids: dict[str, str]) -> Dataset:
 def _instance(
     header: Dataset, spec: PhantomSpec, geo: _Geometry, k: int, pixels: npt.NDArray[np.float32]
 ) -> Dataset:
-    ds = Dataset()
-    ds.update(header)
+    ds = copy.deepcopy(header)  # no shared elements: editing one instance must not edit all
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceCreationDate = header.StudyDate
     ds.InstanceCreationTime = header.StudyTime

@@ -53,9 +53,10 @@ class Volume:
         """Map (slice, row, column) indices, shape (..., 3), to patient mm coordinates."""
         idx = np.asarray(ijk, dtype=np.float64)
         k, r, c = idx[..., 0:1], idx[..., 1:2], idx[..., 2:3]
-        return (
+        points: npt.NDArray[np.float64] = (
             np.asarray(self.origin)
             + k * self.slice_spacing * np.asarray(self.slice_direction)
             + r * self.pixel_spacing[0] * np.asarray(self.column_direction)
             + c * self.pixel_spacing[1] * np.asarray(self.row_direction)
         )
+        return points

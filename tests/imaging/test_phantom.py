@@ -173,3 +173,16 @@ def test_dciodvfy_reports_no_errors(tmp_path: Path, orientation: str) -> None:
     assert "CTImage" in report
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert errors == [], report
+
+
+def test_instances_share_no_elements() -> None:
+    # Given a phantom
+    phantom = generate_phantom(SMALL)
+
+    # When one instance's header is edited
+    phantom.datasets[2].Rows = 16
+    phantom.datasets[2].ImageType[0] = "DERIVED"
+
+    # Then the other instances keep theirs
+    assert phantom.datasets[1].Rows == 128
+    assert phantom.datasets[1].ImageType[0] == "ORIGINAL"
