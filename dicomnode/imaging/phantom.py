@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -328,9 +330,9 @@ def generate_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
             slice_hu[inside] = lesion.hu
         if spec.noise_hu > 0:
             slice_hu += rng.standard_normal(slice_hu.shape, dtype=np.float32) * spec.noise_hu
+        np.rint(slice_hu, out=slice_hu)
+        np.clip(slice_hu, RESCALE_INTERCEPT, RESCALE_INTERCEPT + 2**BITS_STORED - 1, out=slice_hu)
         hu[k] = slice_hu
-    np.rint(hu, out=hu)
-    np.clip(hu, RESCALE_INTERCEPT, RESCALE_INTERCEPT + 2**BITS_STORED - 1, out=hu)
     mask = np.zeros(shape, dtype=bool)
     for lesion_mask in lesion_masks:
         mask |= lesion_mask
@@ -416,10 +418,23 @@ def _study_header(spec: PhantomSpec, uids: dict[str, str]) -> Dataset:
     return ds
 
 
+def _copy_header(header: Dataset) -> Dataset:
+    """A copy sharing no element or list with ``header`` (cheaper than deepcopy)."""
+    ds = Dataset()
+    for elem in header:
+        value = elem.value
+        if elem.VR == "SQ":
+            value = copy.deepcopy(value)
+        elif isinstance(value, MultiValue):
+            value = list(value)
+        ds.add(DataElement(elem.tag, elem.VR, value))
+    return ds
+
+
 def _instance(
     header: Dataset, spec: PhantomSpec, geo: _Geometry, k: int, pixels: npt.NDArray[np.float32]
 ) -> Dataset:
-    ds = copy.deepcopy(header)  # no shared elements: editing one instance must not edit all
+    ds = _copy_header(header)
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceCreationDate = header.StudyDate
     ds.InstanceCreationTime = header.StudyTime

@@ -279,3 +279,18 @@ def test_non_dicom_file_raises_imaging_error(tmp_path: Path) -> None:
     # When loaded, Then the error names it
     with pytest.raises(ImagingError, match=r"notes\.txt"):
         load_volume([path])
+
+
+def test_signed_pixels_read_like_pydicom() -> None:
+    # Given slices stored as signed 16-bit HU with intercept 0
+    phantom = generate_phantom(PhantomSpec(rows=32, columns=32, slices=3, n_lesions=0))
+    for ds, hu in zip(phantom.datasets, phantom.hu, strict=True):
+        ds.PixelRepresentation = 1
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.RescaleIntercept = DSfloat(0, auto_format=True)
+        ds.PixelData = hu.astype("<i2").tobytes()
+
+    # When built, Then negative values survive and match pydicom's decoding
+    volume = volume_from_datasets(phantom.datasets)
+    np.testing.assert_array_equal(volume.pixels, phantom.hu)
+    np.testing.assert_array_equal(volume.pixels[1], phantom.datasets[1].pixel_array)
