@@ -294,3 +294,20 @@ def test_signed_pixels_read_like_pydicom() -> None:
     volume = volume_from_datasets(phantom.datasets)
     np.testing.assert_array_equal(volume.pixels, phantom.hu)
     np.testing.assert_array_equal(volume.pixels[1], phantom.datasets[1].pixel_array)
+
+
+def test_sheared_stack_keeps_its_slice_direction() -> None:
+    # Given axial slices whose positions also step in y (gantry tilt kept in the positions)
+    phantom = generate_phantom(PhantomSpec(rows=32, columns=32, slices=4, n_lesions=0))
+    for k, ds in enumerate(phantom.datasets):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [DSfloat(v, auto_format=True) for v in (x, y + 1.0 * k, z)]
+
+    # When built
+    volume = volume_from_datasets(phantom.datasets)
+
+    # Then slice k lies where its file says, along a tilted slice direction
+    for k, ds in enumerate(phantom.datasets):
+        expected = [float(v) for v in ds.ImagePositionPatient]
+        np.testing.assert_allclose(volume.slice_position(k), expected, atol=1e-6)
+    assert volume.slice_direction[1] > 0.3
