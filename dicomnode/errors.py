@@ -67,6 +67,4 @@ class MissingExtraError(DicomNodeError):
     """An optional feature needs packages that are not installed."""
 
     def __init__(self, feature: str, extra: str) -> None:
-        super().__init__(
-            f"{feature} needs the '{extra}' extra: pip install 'dicomnode[{extra}]'"
-        )
+        super().__init__(f"{feature} needs the '{extra}' extra: pip install 'dicomnode[{extra}]'")

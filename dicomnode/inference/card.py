@@ -147,7 +147,9 @@ def _preprocessing(d: dict[str, Any]) -> Preprocessing:
     p = Preprocessing(
         window_min=float(_req(d, "window_min", (int, float), w)),
         window_max=float(_req(d, "window_max", (int, float), w)),
-        normalisation=_choice(d.get("normalisation", "minmax"), ("minmax", "zscore"), w + "normalisation"),
+        normalisation=_choice(
+            d.get("normalisation", "minmax"), ("minmax", "zscore"), w + "normalisation"
+        ),
         mean=float(d.get("mean", 0.0)),
         std=float(d.get("std", 1.0)),
         target_spacing_mm=(
@@ -235,7 +237,9 @@ def parse_card(data: Any) -> ModelCard:
         output=OutputSpec(
             name=_req(out, "name", str, "output."),
             activation=_choice(
-                out.get("activation", "sigmoid"), ("sigmoid", "softmax", "none"), "output.activation"
+                out.get("activation", "sigmoid"),
+                ("sigmoid", "softmax", "none"),
+                "output.activation",
             ),
             layout=_choice(out.get("layout", "NCHW"), ("NCHW", "NHWC", "NC"), "output.layout"),
         ),

@@ -40,7 +40,7 @@ def apply_intensity(hu: npt.ArrayLike, spec: Preprocessing) -> FloatArray:
 def resize_bilinear(batch: npt.ArrayLike, shape: tuple[int, int]) -> FloatArray:
     """Resize (N, H, W) to (N, *shape) with bilinear interpolation (half-pixel centres)."""
     src = np.asarray(batch, dtype=np.float32)
-    n, h, w = src.shape
+    _, h, w = src.shape
     oh, ow = shape
     if (oh, ow) == (h, w):
         return src.copy()
@@ -54,7 +54,8 @@ def resize_bilinear(batch: npt.ArrayLike, shape: tuple[int, int]) -> FloatArray:
     wx = (xs - x0)[None, None, :]
     top = src[:, y0][:, :, x0] * (1 - wx) + src[:, y0][:, :, x1] * wx
     bottom = src[:, y1][:, :, x0] * (1 - wx) + src[:, y1][:, :, x1] * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32, copy=False)
+    out: FloatArray = (top * (1 - wy) + bottom * wy).astype(np.float32, copy=False)
+    return out
 
 
 def resampled_shape(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +18,7 @@ class AlgorithmInfo:
     name: str
     version: str
     manufacturer: str
-    family: Code = Code("123109", "DCM", "Manual Processing")  # replaced by the card's
+    family: Code = field(default_factory=lambda: Code("123110", "DCM", "Artificial Intelligence"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,162 @@
+"""ONNX Runtime execution of a model bundle, slice-wise in batches.
+
+Providers are plugins in a fixed order, TensorRT (only when asked) > CUDA > CPU; the first
+available one is chosen once per session and logged.  onnxruntime-gpu lists CUDA as
+available even on machines without a GPU and then silently falls back, so the providers the
+session really got (``session.get_providers()``) are what we report.  A failure while
+running on a GPU is retried once on the CPU with a warning, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dicomnode.errors import ModelError
+from dicomnode.inference.card import Bundle
+from dicomnode.inference.preprocess import prepare_slices, restore_slices
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    requested: tuple[str, ...]
+    active: tuple[str, ...]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.active[0] != PROVIDERS["cpu"]
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_providers(wanted: Sequence[str], tensorrt: bool = False) -> list[str]:
+    """Map config names to ORT provider names, keeping only available ones, CPU last."""
+    names = [n for n in wanted if n != "tensorrt" or tensorrt]
+    if tensorrt and "tensorrt" not in names:
+        names.insert(0, "tensorrt")
+    available = set(available_providers())
+    chosen = [PROVIDERS[n] for n in names if PROVIDERS[n] in available]
+    if PROVIDERS["cpu"] not in chosen:
+        chosen.append(PROVIDERS["cpu"])
+    return chosen
+
+
+class BundleRunner:
+    """One ONNX Runtime session for one bundle."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] = ("cuda", "cpu"),
+        *,
+        tensorrt: bool = False,
+        batch_size: int = 16,
+        intra_op_threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.card = bundle.card
+        self.batch_size = batch_size
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3
+        if intra_op_threads:
+            self._options.intra_op_num_threads = intra_op_threads
+        requested = choose_providers(providers, tensorrt)
+        self.session: Any = self._open(requested)
+        self.choice = ProviderChoice(tuple(requested), tuple(self.session.get_providers()))
+        log.info(
+            "model %s %s runs on %s (requested %s)",
+            self.card.name,
+            self.card.version,
+            self.choice.active[0],
+            ", ".join(requested),
+        )
+        names = [i.name for i in self.session.get_inputs()]
+        if self.card.input.name not in names:
+            raise ModelError(
+                f"bundle {self.card.name}: model has no input {self.card.input.name!r}"
+            )
+        outputs = [o.name for o in self.session.get_outputs()]
+        if self.card.output.name not in outputs:
+            raise ModelError(
+                f"bundle {self.card.name}: model has no output {self.card.output.name!r}"
+            )
+
+    def _open(self, providers: list[str]) -> Any:
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(
+                str(self.bundle.model_path), sess_options=self._options, providers=providers
+            )
+        except Exception as exc:
+            if providers == [PROVIDERS["cpu"]]:
+                raise ModelError(f"cannot load model {self.card.name}: {exc}") from exc
+            log.warning("cannot open %s on %s (%s); using the CPU", self.card.name, providers, exc)
+            return self._open([PROVIDERS["cpu"]])
+
+    def _run_batch(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        x = batch[:, None] if self.card.input.layout == "NCHW" else batch[..., None]
+        feed = {self.card.input.name: np.ascontiguousarray(x, dtype=np.float32)}
+        try:
+            out = self.session.run([self.card.output.name], feed)[0]
+        except Exception as exc:
+            if not self.choice.on_gpu:
+                raise ModelError(f"inference with {self.card.name} failed: {exc}") from exc
+            log.warning(
+                "inference on %s failed (%s); falling back to the CPU", self.choice.active[0], exc
+            )
+            self.session = self._open([PROVIDERS["cpu"]])
+            self.choice = ProviderChoice(self.choice.requested, (PROVIDERS["cpu"],))
+            return self._run_batch(batch)
+        return np.asarray(out, dtype=np.float32)
+
+    def _activate(self, y: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
+        act = self.card.output.activation
+        if act == "sigmoid" or act == "none":
+            return y  # sigmoid models output probabilities already; "none" is passed through
+        e = np.exp(y - y.max(axis=axis, keepdims=True))
+        out: npt.NDArray[np.float32] = (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+        return out
+
+    def predict_slices(
+        self, hu: npt.NDArray[np.float32], pixel_spacing: tuple[float, float]
+    ) -> npt.NDArray[np.float32]:
+        """Per-slice output for a (slices, rows, columns) HU volume.
+
+        Segmentation: probabilities (channels, slices, rows, columns) on the source grid.
+        Classification: probabilities (slices, channels).
+        """
+        x, geometry = prepare_slices(hu, pixel_spacing, self.card.preprocessing)
+        outputs = []
+        for start in range(0, x.shape[0], self.batch_size):
+            y = self._run_batch(x[start : start + self.batch_size])
+            if self.card.task == "classification":
+                outputs.append(self._activate(y.reshape(y.shape[0], -1), axis=1))
+                continue
+            if self.card.output.layout == "NHWC":
+                y = np.moveaxis(y, -1, 1)
+            outputs.append(self._activate(y, axis=1))
+        out = np.concatenate(outputs, axis=0)
+        if self.card.task == "classification":
+            return out
+        channels = [restore_slices(out[:, c], geometry) for c in range(out.shape[1])]
+        return np.stack(channels, axis=0)

@@ -1,0 +1,118 @@
+"""C-STORE / C-ECHO SCU: sends files to a remote AE on one association per batch."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.errors import DeliveryError
+from dicomnode.net import status
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and status.is_success(self.status)
+
+
+def _contexts(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """SOP class -> transfer syntaxes to propose (the file's own first, then uncompressed)."""
+    proposed: dict[str, list[str]] = {}
+    for sop_class, ts in headers:
+        lst = proposed.setdefault(sop_class, [])
+        for t in (ts, *UNCOMPRESSED):
+            if t and t not in lst:
+                lst.append(t)
+    return proposed
+
+
+def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> Association:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = peer.timeout_s
+    ae.dimse_timeout = peer.timeout_s
+    ae.network_timeout = peer.timeout_s
+    ae.connection_timeout = min(10.0, peer.timeout_s)
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if assoc.is_established:
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return assoc
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if assoc.is_rejected:
+        result = assoc.acceptor.primitive.result if assoc.acceptor.primitive else None
+        permanent = result == 0x01
+        raise DeliveryError(
+            f"association rejected by {where} ({'permanent' if permanent else 'transient'})",
+            transient=not permanent,
+        )
+    raise DeliveryError(f"cannot associate with {where} (down or aborted)", transient=True)
+
+
+def echo(peer: Peer, calling_ae: str) -> int:
+    """C-ECHO the peer; returns its status or raises :class:`DeliveryError`."""
+    assoc = _associate(peer, calling_ae, {Verification: list(UNCOMPRESSED)})
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if "Status" in rsp else -1
+    finally:
+        assoc.release()
+
+
+def send_files(peer: Peer, paths: Sequence[Path], calling_ae: str) -> list[SendResult]:
+    """C-STORE each file on one association; per-file results, association errors raise."""
+    datasets = [dcmread(p) for p in paths]
+    headers = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
+    assoc = _associate(peer, calling_ae, _contexts(headers))
+    results: list[SendResult] = []
+    try:
+        for path, ds in zip(paths, datasets, strict=True):
+            accepted = [
+                cx.transfer_syntax[0]
+                for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == ds.SOPClassUID
+            ]
+            if not accepted:
+                results.append(SendResult(path, None, "no accepted presentation context"))
+                continue
+            native = str(ds.file_meta.TransferSyntaxUID)
+            if native not in accepted and UID(native).is_compressed:
+                results.append(SendResult(path, None, f"peer does not accept {UID(native).name}"))
+                continue
+            rsp = assoc.send_c_store(ds)
+            if not assoc.is_established and "Status" not in rsp:
+                raise DeliveryError(f"association with {peer.ae_title} lost", transient=True)
+            code = int(rsp.Status) if "Status" in rsp else None
+            results.append(SendResult(path, code, "" if code is not None else "no response"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results

@@ -1,0 +1,172 @@
+"""The node: SCP, completeness scheduler, job workers and delivery, wired together.
+
+Lifecycle (uvicorn-style): :meth:`Node.start` recovers from any crash (partial files,
+running jobs, outbox rows in flight) and starts everything; :meth:`Node.stop` stops
+accepting associations, lets in-flight stores finish, lets workers finish the job in hand
+and leaves queued work in the index for the next start.  Workers run in their own
+processes (``workers`` >= 1) so a slow model never blocks receiving; ``workers = 0`` runs
+one worker thread in-process (tests, small installs).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from dicomnode.config import Config
+from dicomnode.delivery.outbox import Deliverer
+from dicomnode.jobs.queue import Job, JobQueue
+from dicomnode.jobs.scheduler import Scheduler
+from dicomnode.jobs.worker import work
+from dicomnode.net.scp import StorageSCP
+from dicomnode.processing import Processor
+from dicomnode.spool.index import Index
+from dicomnode.spool.store import Spool
+
+log = logging.getLogger(__name__)
+
+
+def _open_queue(config: Config) -> tuple[Index, JobQueue]:
+    index = Index(config.node.data_dir)
+    return index, JobQueue(index, config.jobs, config.delivery)
+
+
+def worker_main(config: Config, log_level: str) -> None:
+    """Entry point of a worker process: run jobs until SIGTERM, finishing the current one."""
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    index, queue = _open_queue(config)
+    processor = Processor(config)
+
+    def process(job: Job) -> tuple[list[tuple[str, object]], str]:
+        return processor.process_job(job, index)  # type: ignore[return-value]
+
+    work(queue, process, stop)  # type: ignore[arg-type]
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.index, self.queue = _open_queue(config)
+        self.spool = Spool(
+            config.node.data_dir,
+            self.index,
+            min_free_bytes=config.node.min_free_disk_mb * 2**20,
+            rerun_late=config.completeness.late_arrivals == "rerun",
+        )
+        self.scp = StorageSCP(config.node, self.spool)
+        self.scheduler = Scheduler(
+            self.index, self.queue, config.routes, config.completeness.quiet_period_s
+        )
+        self.deliverer = Deliverer(config, self.queue)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._workers: list[BaseProcess] = []
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def start(self) -> None:
+        removed = self.spool.cleanup_tmp()
+        jobs, items = self.queue.recover()
+        if removed or jobs or items:
+            log.warning(
+                "recovered after an unclean stop: %d partial file(s) removed, %d job(s) "
+                "re-queued, %d outbox item(s) re-sent",
+                removed,
+                jobs,
+                items,
+            )
+        self.scp.start()
+        self._spawn_thread(self._housekeeping, "housekeeping")
+        if self.config.node.workers == 0:
+            processor = Processor(self.config)
+            worker_index = Index(self.config.node.data_dir)
+            worker_queue = JobQueue(worker_index, self.config.jobs, self.config.delivery)
+            self._spawn_thread(
+                lambda: work(
+                    worker_queue, lambda j: processor.process_job(j, worker_index), self._stop
+                ),
+                "worker",
+            )
+        ctx = mp.get_context("spawn")
+        for i in range(self.config.node.workers):
+            p = ctx.Process(
+                target=worker_main,
+                args=(self.config, self.config.node.log_level),
+                name=f"dicomnode-worker-{i}",
+                daemon=False,
+            )
+            p.start()
+            self._workers.append(p)
+
+    def _spawn_thread(self, target: object, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def _housekeeping(self) -> None:
+        interval = self.config.completeness.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                self.scheduler.tick()
+                self.deliverer.run_once()
+            except Exception:
+                log.exception("housekeeping failed; retrying")
+            self._stop.wait(interval)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Graceful stop: no new associations, in-flight stores and jobs finish."""
+        log.info("stopping: no new associations; finishing in-flight work")
+        self.scp.stop()
+        self._stop.set()
+        for p in self._workers:
+            if p.is_alive() and p.pid is not None:
+                p.terminate()  # SIGTERM: the worker finishes the job in hand
+        for p in self._workers:
+            p.join(timeout)
+            if p.is_alive():
+                log.error("worker %s did not stop in %.0f s; killing it", p.name, timeout)
+                p.kill()
+        for t in self._threads:
+            t.join(timeout)
+        self.deliverer.shutdown()
+        log.info("stopped; queued work stays in %s", self.index.path)
+
+    def kill_workers(self) -> None:
+        for p in self._workers:
+            p.kill()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; a second signal forces an immediate exit."""
+        done = threading.Event()
+        count = 0
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal count
+            count += 1
+            if count > 1:
+                log.error("second signal: forcing exit")
+                self.kill_workers()
+                raise SystemExit(1)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()

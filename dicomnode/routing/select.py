@@ -1,0 +1,106 @@
+"""Match a study's series against the configured routes, and explain the outcome."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomnode.routing.rules import SeriesInfo, SeriesRule, Verdict, evaluate
+
+log = logging.getLogger(__name__)
+
+
+class RouteLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def pipeline(self) -> str: ...
+    @property
+    def destinations(self) -> tuple[str, ...]: ...
+    @property
+    def rule(self) -> SeriesRule: ...
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    route: str
+    pipeline: str
+    destinations: tuple[str, ...]
+    series_uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    route: str
+    series_uid: str
+    series_description: str
+    verdict: Verdict
+
+
+def _attributes(ds: Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for elem in ds:
+        if elem.keyword and elem.VR != "SQ" and elem.tag.group not in (0x7FE0,):
+            value = elem.value
+            out[elem.keyword] = list(value) if type(value).__name__ == "MultiValue" else value
+    return out
+
+
+def series_infos(files: Iterable[tuple[str, Path]]) -> list[SeriesInfo]:
+    """SeriesInfo per series from (series_uid, path) pairs; reads one header per series."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for series_uid, path in files:
+        groups[series_uid].append(path)
+    infos = []
+    for uid, paths in groups.items():
+        ds = dcmread(paths[0], stop_before_pixels=True)
+        infos.append(SeriesInfo(uid, _attributes(ds), len(paths)))
+    return infos
+
+
+def scan_folder(folder: Path) -> dict[str, dict[str, list[Path]]]:
+    """Group the DICOM files under ``folder`` as study -> series -> paths (others skipped)."""
+    studies: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+            )
+            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        except Exception as exc:
+            log.warning("skipping %s: not a readable DICOM file (%s)", path, exc)
+            continue
+        studies[study][series].append(path)
+    return {k: dict(v) for k, v in studies.items()}
+
+
+def match_routes(routes: Sequence[RouteLike], infos: Sequence[SeriesInfo]) -> list[RouteMatch]:
+    """Every route with at least one matching series, with the series it selected."""
+    matches = []
+    for route in routes:
+        selected = tuple(i.series_instance_uid for i in infos if evaluate(route.rule, i).matched)
+        if selected:
+            matches.append(RouteMatch(route.name, route.pipeline, route.destinations, selected))
+    return matches
+
+
+def explain(routes: Sequence[RouteLike], infos: Sequence[SeriesInfo]) -> list[Explanation]:
+    return [
+        Explanation(
+            route.name,
+            info.series_instance_uid,
+            str(info.attributes.get("SeriesDescription", "")),
+            evaluate(route.rule, info),
+        )
+        for route in routes
+        for info in infos
+    ]

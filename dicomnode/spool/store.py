@@ -1,0 +1,257 @@
+"""Durable storage of received instances: the only thing the C-STORE handler calls.
+
+:meth:`Spool.store` writes the bytes exactly as received (file meta + encoded dataset, no
+decoding) to a temporary file, fsyncs it, renames it into
+``spool/<study>/<series>/<sop>[.vN].dcm``, fsyncs the folder and records the instance in the
+index.  Only when all of that has succeeded does it return, and only then does the node
+answer 0x0000.
+
+Duplicate policy (same SOP Instance UID again): identical bytes are acknowledged and
+ignored; different bytes are kept as a new version (the newest version is the one
+processed) and logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
+from dicomnode.spool.index import Index
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+class StoreOutcome(Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    NEW_VERSION = "new_version"
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+
+
+def read_header(encoded: bytes) -> InstanceHeader:
+    """Parse the four UIDs from encoded bytes (file meta + dataset) without pixel data."""
+    try:
+        ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        values = [str(ds.get(k, "")).strip() for k in _HEADER_TAGS]
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, zlib.error) as exc:
+        raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise InvalidInstanceError(f"cannot parse the dataset: {exc!r}") from exc
+    for keyword, value in zip(_HEADER_TAGS, values, strict=True):
+        if not value:
+            raise InvalidInstanceError(f"the dataset has no {keyword}")
+        if len(value) > 64 or not _UID.match(value):
+            raise InvalidInstanceError(f"{keyword} {value[:70]!r} is not a valid UID")
+    sop_class, sop_instance, study, series = values
+    return InstanceHeader(sop_class, sop_instance, study, series, ts)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Received instances on disk plus their index rows."""
+
+    def __init__(
+        self, data_dir: Path, index: Index, *, min_free_bytes: int, rerun_late: bool = True
+    ) -> None:
+        self.root = data_dir / "spool"
+        self.tmp = data_dir / "tmp"
+        self.index = index
+        self.min_free_bytes = min_free_bytes
+        self.rerun_late = rerun_late
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResourcesError(
+                f"data directory has {free // 2**20} MiB free, below the watermark of "
+                f"{self.min_free_bytes // 2**20} MiB"
+            )
+
+    def store(
+        self,
+        encoded: bytes,
+        *,
+        calling_ae: str,
+        calling_host: str,
+        header: InstanceHeader | None = None,
+    ) -> StoreOutcome:
+        """Store one instance durably; raise a :class:`SpoolError` subclass on failure."""
+        header = header or read_header(encoded)
+        digest = hashlib.sha256(encoded).hexdigest()
+        versions = self.index.instance_versions(header.sop_instance_uid)
+        if versions and any(v.sha256 == digest for v in versions):
+            log.info("duplicate instance %s ignored (identical bytes)", header.sop_instance_uid)
+            self._touch_study(header, calling_ae, calling_host)
+            return StoreOutcome.DUPLICATE
+        self.check_space(len(encoded))
+        version = (versions[-1].version + 1) if versions else 1
+        folder = self.root / header.study_instance_uid / header.series_instance_uid
+        name = header.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm"
+        final = folder / name
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(encoded)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfResourcesError(f"disk full while writing {name}") from exc
+            raise SpoolError(f"cannot write {final}: {exc}") from exc
+        try:
+            self._record(header, version, final, digest, len(encoded), calling_ae, calling_host)
+        except sqlite3.IntegrityError:
+            # Another association stored the same UID at the same moment: keep ours too.
+            final.unlink(missing_ok=True)
+            return self.store(
+                encoded, calling_ae=calling_ae, calling_host=calling_host, header=header
+            )
+        except sqlite3.Error as exc:
+            final.unlink(missing_ok=True)
+            raise SpoolError(f"cannot index {header.sop_instance_uid}: {exc}") from exc
+        if version > 1:
+            log.warning(
+                "instance %s received again with different content: kept as version %d",
+                header.sop_instance_uid,
+                version,
+            )
+            return StoreOutcome.NEW_VERSION
+        return StoreOutcome.STORED
+
+    def _record(
+        self,
+        h: InstanceHeader,
+        version: int,
+        path: Path,
+        digest: str,
+        size: int,
+        calling_ae: str,
+        calling_host: str,
+    ) -> None:
+        now = time.time()
+        with self.index.transaction() as conn:
+            conn.execute(
+                """INSERT INTO instances (sop_instance_uid, version, sop_class_uid,
+                   study_instance_uid, series_instance_uid, transfer_syntax_uid, path, sha256,
+                   size, calling_ae, calling_host, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    h.sop_instance_uid,
+                    version,
+                    h.sop_class_uid,
+                    h.study_instance_uid,
+                    h.series_instance_uid,
+                    h.transfer_syntax_uid,
+                    str(path),
+                    digest,
+                    size,
+                    calling_ae,
+                    calling_host,
+                    now,
+                ),
+            )
+            self._upsert_study(conn, h.study_instance_uid, calling_ae, calling_host, now)
+
+    def _touch_study(self, h: InstanceHeader, calling_ae: str, calling_host: str) -> None:
+        """A duplicate still counts as activity for the study's quiet period."""
+        with self.index.transaction() as conn:
+            conn.execute(
+                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ? "
+                "AND state = 'receiving'",
+                (time.time(), h.study_instance_uid),
+            )
+
+    def _upsert_study(
+        self,
+        conn: sqlite3.Connection,
+        study_uid: str,
+        calling_ae: str,
+        calling_host: str,
+        now: float,
+    ) -> None:
+        row = conn.execute(
+            "SELECT state FROM studies WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                """INSERT INTO studies (study_instance_uid, state, generation, first_received_at,
+                   last_received_at, calling_ae, calling_host)
+                   VALUES (?, 'receiving', 1, ?, ?, ?, ?)""",
+                (study_uid, now, now, calling_ae, calling_host),
+            )
+        elif row["state"] == "receiving":
+            conn.execute(
+                "UPDATE studies SET last_received_at = ?, calling_ae = ?, calling_host = ? "
+                "WHERE study_instance_uid = ?",
+                (now, calling_ae, calling_host, study_uid),
+            )
+        elif self.rerun_late:
+            log.info("late instance for processed study: it will be processed again")
+            conn.execute(
+                "UPDATE studies SET state = 'receiving', generation = generation + 1, "
+                "last_received_at = ?, completed_at = NULL, calling_ae = ?, calling_host = ? "
+                "WHERE study_instance_uid = ?",
+                (now, calling_ae, calling_host, study_uid),
+            )
+        else:
+            log.info("late instance for processed study kept; late_arrivals = ignore")
+            conn.execute(
+                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ?",
+                (now, study_uid),
+            )
+
+    def cleanup_tmp(self) -> int:
+        """Remove partial files left by a crash (they were never acknowledged)."""
+        count = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+def is_deflated(transfer_syntax_uid: str) -> bool:
+    return transfer_syntax_uid == DeflatedExplicitVRLittleEndian
