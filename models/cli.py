@@ -1,0 +1,143 @@
+"""Command-line entry points the ``dicomnode`` CLI dispatches to.
+
+``dicomnode train RECIPE.toml --data DIR --out RUN`` -> :func:`train_main`,
+``dicomnode evaluate MODEL --data DIR --out DIR`` -> :func:`evaluate_main`,
+``dicomnode export CHECKPOINT --out BUNDLE_DIR`` -> :func:`export_main`,
+``dicomnode synth --out DIR`` -> :func:`synthetic_main`.
+
+Importing this module never imports TensorFlow: each command imports what it needs when
+it runs, and raises :class:`~dicomnode.errors.MissingExtraError` naming the ``train`` extra
+when TensorFlow (or tf2onnx) is not installed.  Each function returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomnode.errors import MissingExtraError
+
+log = logging.getLogger(__name__)
+
+
+def require_training_extra(*modules: str) -> None:
+    """Raise :class:`MissingExtraError` unless TensorFlow (and ``modules``) are importable."""
+    for name in ("tensorflow", *modules):
+        if importlib.util.find_spec(name) is None:
+            raise MissingExtraError("training", "train")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``dicomnode train``: train a model from a recipe on a folder of DICOM + SEG."""
+    parser = argparse.ArgumentParser(prog="dicomnode train", description=train_main.__doc__)
+    parser.add_argument("recipe", help="recipe TOML file, or the name of a shipped recipe")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of image series and DICOM SEG labels")
+    parser.add_argument("--out", type=Path, required=True, help="run folder to write")
+    parser.add_argument("--test-data", type=Path,
+                        help="held-out folder to evaluate on (default: the validation cases)")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--steps", type=int, help="override the recipe's steps per epoch")
+    parser.add_argument("--max-cases", type=int, help="use at most this many cases")
+    args = parser.parse_args(argv)
+    from dicomnode.models.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    require_training_extra()
+    _logging()
+    from dicomnode.models.train import train
+
+    info = train(recipe, args.data, args.out, test_dir=args.test_data, epochs=args.epochs,
+                 steps_per_epoch=args.steps, max_cases=args.max_cases)
+    print(json.dumps({"wall_time_s": info["wall_time_s"], **info["headline"]}, indent=1))
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``dicomnode evaluate``: metrics and plots of a bundle or a training run on DICOM + SEG."""
+    parser = argparse.ArgumentParser(prog="dicomnode evaluate", description=evaluate_main.__doc__)
+    parser.add_argument("model", type=Path,
+                        help="bundle folder (run with ONNX Runtime) or run folder / .keras file")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of image series and DICOM SEG labels")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and PNGs")
+    parser.add_argument("--min-area-mm2", type=float,
+                        help="classification: slices with less (non-zero) lesion are ambiguous")
+    args = parser.parse_args(argv)
+    _logging()
+    from dicomnode.models.data import load_cases
+    from dicomnode.models.evaluate import EvalSpec, OnnxPredictor, evaluate
+
+    from dicomnode.inference.card import CARD_FILE, load_bundle
+
+    if (args.model / CARD_FILE).is_file():
+        bundle = load_bundle(args.model)
+        card = bundle.card
+        min_area = card.metrics.get("min_area_mm2", 0.0) if card.task == "classification" else 0
+        spec = EvalSpec(
+            task=card.task,
+            preprocessing=card.preprocessing,
+            context_slices=card.input.context_slices,
+            labels=card.labels,
+            min_component_volume_mm3=card.min_component_volume_mm3,
+            min_area_mm2=args.min_area_mm2 if args.min_area_mm2 is not None else min_area,
+        )
+        predictor = OnnxPredictor(bundle.model_path, card)
+    else:
+        require_training_extra()
+        import keras
+        from dicomnode.models.recipe import parse_recipe
+        from dicomnode.models.run import RunFiles
+        from dicomnode.models.train import eval_spec
+
+        run = RunFiles.locate(args.model)
+        recipe = parse_recipe(run.read_recipe_dict(), source=run.recipe.read_text())
+        spec = eval_spec(recipe)
+        if args.min_area_mm2 is not None:
+            spec = EvalSpec(**{**spec.__dict__, "min_area_mm2": args.min_area_mm2})
+        from dicomnode.models.evaluate import KerasPredictor
+
+        predictor = KerasPredictor(
+            keras.saving.load_model(run.checkpoint_path(args.model), compile=False)
+        )
+    result = evaluate(predictor, load_cases(args.data, spec.labels), spec, args.out)
+    print(json.dumps(result["summary"]["headline"], indent=1))
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``dicomnode export``: tf2onnx export + parity check -> model bundle."""
+    parser = argparse.ArgumentParser(prog="dicomnode export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="training run folder or its .keras file")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--tolerance", type=float,
+                        help="max abs TF-vs-ONNX difference (default: the recipe's)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the recipe's)")
+    args = parser.parse_args(argv)
+    require_training_extra("tf2onnx", "onnx")
+    _logging()
+    from dicomnode.converters.export import export_checkpoint
+
+    bundle = export_checkpoint(args.checkpoint, args.out, tolerance=args.tolerance,
+                               opset=args.opset)
+    parity = bundle.card.parity
+    print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.card.sha256,
+                      "opset": bundle.card.opset, "max_abs_diff": parity["max_abs_diff"]},
+                     indent=1))
+    return 0
+
+
+def synthetic_main(argv: Sequence[str] | None = None) -> int:
+    """``dicomnode synth``: write synthetic CT series with SEG labels (no TensorFlow)."""
+    from dicomnode.models.synthetic import main
+
+    return main(argv)
