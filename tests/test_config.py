@@ -1,0 +1,104 @@
+"""Configuration: every key validated before anything binds; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import SENDER, builtin_bundle, default_config_path, load_config
+from dicomnode.errors import ConfigError
+
+BASE = """
+[node]
+ae_title = "NODE"
+port = 5104
+data_dir = "data"
+
+[[remotes]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 5105
+
+[[folders]]
+name = "out"
+path = "results"
+
+[[pipelines]]
+name = "lesion"
+segmentation = "bundles/seg"
+
+[[routes]]
+name = "ct"
+pipeline = "lesion"
+destinations = ["pacs", "out", "@sender"]
+[[routes.match]]
+Modality = "CT"
+SliceThickness = { le = 5 }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_is_loaded_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.node.ae_title == "NODE"
+    assert cfg.node.data_dir == tmp_path / "data"
+    assert cfg.pipelines[0].segmentation == tmp_path / "bundles" / "seg"
+    assert cfg.folders[0].path == tmp_path / "results"
+    assert cfg.routes[0].destinations == ("pacs", "out", SENDER)
+    assert cfg.remote_by_ae("PACS") is not None
+
+
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        (('port = 5104', 'port = 70000'), "node.port"),
+        (('port = 5104', 'port = "x"'), "node.port"),
+        (('ae_title = "NODE"', 'ae_title = "WAY_TOO_LONG_AE_TITLE"'), "node.ae_title"),
+        (('[node]', '[node]\ncolour = "red"'), "node.colour"),
+        (('Modality = "CT"', 'Modalityy = "CT"'), "routes[0].match[0].Modalityy"),
+        (('SliceThickness = { le = 5 }', 'SliceThickness = { below = 5 }'),
+         "routes[0].match[0].SliceThickness.below"),
+        (('SliceThickness = { le = 5 }', 'SliceThickness = { le = "five" }'),
+         "routes[0].match[0].SliceThickness.le"),
+        (('destinations = ["pacs", "out", "@sender"]', 'destinations = ["nowhere"]'),
+         "routes[0].destinations"),
+        (('pipeline = "lesion"', 'pipeline = "other"'), "routes[0].pipeline"),
+        (('[[folders]]', '[[folders]]\nmode = 1'), "folders[0].mode"),
+    ],
+)
+def test_wrong_key_or_value_is_an_error_naming_the_key(
+    tmp_path: Path, patch: tuple[str, str], key: str
+) -> None:
+    text = BASE.replace(*patch, 1)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text))
+
+
+def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[node\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_embedded_default_config_is_valid_and_uses_shipped_bundles() -> None:
+    cfg = load_config(default_config_path())
+    assert cfg.pipelines[0].segmentation == builtin_bundle("lesion-seg")
+    assert cfg.routes[0].destinations == (SENDER,)
+
+
+def test_overrides_patch_node_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE), {"port": 6000})
+    assert cfg.node.port == 6000
+
+
+def test_backoff_grows_exponentially_and_is_capped(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE + "\n[jobs]\nbackoff_initial_s = 1\nbackoff_max_s = 5\n"))
+    assert [cfg.jobs.delay(a) for a in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
