@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up dicomnode on a fresh Debian/Ubuntu machine: the DICOM peers the tests talk to
+# (dcmtk, dicom3tools, Orthanc) and a virtual environment with the project and its extras.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "installing Debian packages: ${need_apt[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need_apt[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+extras=${DICOMNODE_EXTRAS:-dev,train}
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+echo "dicomnode is set up in .venv ($(.venv/bin/dicomnode --help >/dev/null && echo ok))"
