@@ -32,9 +32,11 @@ IHE_CODING_SCHEME = CodingSchemeIdentificationItem(
     responsible_organization="IHE International",
 )
 
-# Tolerances when matching source geometry against the Volume (mm, direction cosines).
-_POSITION_TOL_MM = 1e-2
-_DIRECTION_TOL = 1e-4
+# Tolerances when matching source geometry against the Volume.  highdicom places each SEG
+# frame at its source image's own position, so alignment rests on the UID check; the
+# geometry check only has to tell "this is slice k" from "this is another slice": half a
+# voxel, the volume's stack having been accepted with 1 % spacing jitter (imaging.series).
+_DIRECTION_TOL = 2e-4
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -54,6 +56,17 @@ def series_description(kind: str, algorithm: AlgorithmInfo) -> str:
     if len(ident) > room:
         ident = ident[: room - 3].rstrip() + "..."
     return f"{head}{ident}){DISCLAIMER_SUFFIX}"
+
+
+def new_uid(uid_seed: str | None, *parts: str) -> str:
+    """A fresh UID, or one derived from ``uid_seed`` and ``parts`` (same inputs, same UID).
+
+    A job that is retried with the same seed writes the same SOP Instance UIDs, so a PACS
+    that already stored the first attempt sees a duplicate, not a second result.
+    """
+    if uid_seed is None:
+        return str(hd.UID())
+    return str(generate_uid(entropy_srcs=["dicomnode-output", uid_seed, *parts]))
 
 
 def device_observer_uid(algorithm: AlgorithmInfo) -> str:
@@ -136,6 +149,7 @@ def check_source_datasets(result: PipelineResult, source_datasets: Sequence[Data
             f"result.volume has {n_slices} slices"
         )
     orientation = (*volume.row_direction, *volume.column_direction)
+    position_tol = 0.5 * min(volume.slice_spacing, *volume.pixel_spacing)
     for k, ds in enumerate(source_datasets):
         where = f"source_datasets[{k}]"
         if not isinstance(ds, Dataset):
@@ -168,7 +182,7 @@ def check_source_datasets(result: PipelineResult, source_datasets: Sequence[Data
             raise OutputError(
                 f"{where}.ImageOrientationPatient {list(iop)} differs from result.volume's"
             )
-        if not _close(position, volume.slice_position(k), _POSITION_TOL_MM):
+        if not _close(position, volume.slice_position(k), position_tol):
             raise OutputError(
                 f"{where}.ImagePositionPatient {list(position)} is not result.volume slice {k} "
                 f"at {volume.slice_position(k)}"

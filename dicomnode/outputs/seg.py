@@ -34,6 +34,7 @@ from dicomnode.outputs.common import (
     check_code,
     check_source_datasets,
     coded,
+    new_uid,
     series_description,
 )
 from dicomnode.pipelines.results import AlgorithmInfo, PipelineResult, SegmentResult
@@ -110,6 +111,7 @@ def build_segmentation(
     *,
     series_number: int = 9001,
     instance_number: int = 1,
+    uid_seed: str | None = None,
 ) -> Dataset:
     """Build a BINARY DICOM SEG with one segment per ``result.segments`` item.
 
@@ -122,6 +124,9 @@ def build_segmentation(
         that references ``source_datasets[k]``.  Only the header is needed, not pixel data.
     series_number, instance_number
         SeriesNumber and InstanceNumber of the new SEG.
+    uid_seed
+        When given, the Series and SOP Instance UIDs are derived from it, so that building
+        again from the same seed (a retried job) gives the same UIDs; random otherwise.
 
     Returns
     -------
@@ -148,9 +153,9 @@ def build_segmentation(
             pixel_array=_stack_masks(result.segments),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[_segment_description(s, algorithm) for s in result.segments],
-            series_instance_uid=hd.UID(),
+            series_instance_uid=new_uid(uid_seed, "seg", "series"),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=new_uid(uid_seed, "seg", "instance"),
             instance_number=instance_number,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=algorithm.name,

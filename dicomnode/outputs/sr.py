@@ -34,7 +34,7 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, SegmentationStorage
+from pydicom.uid import RE_VALID_UID, SegmentationStorage
 
 from dicomnode.errors import OutputError
 from dicomnode.inference.card import Code
@@ -47,6 +47,7 @@ from dicomnode.outputs.common import (
     check_source_datasets,
     coded,
     device_observer_uid,
+    new_uid,
     series_description,
 )
 from dicomnode.pipelines.results import (
@@ -132,7 +133,8 @@ def _check_findings(result: PipelineResult, segment_numbers: set[int]) -> None:
             raise OutputError(f"{where} is a {type(finding).__name__}, not a Finding")
         if not finding.tracking_id or not finding.tracking_id.strip():
             raise OutputError(f"{where}.tracking_id must be a non-empty string")
-        if not UID(finding.tracking_uid).is_valid:
+        uid = finding.tracking_uid
+        if not isinstance(uid, str) or len(uid) > 64 or not RE_VALID_UID.match(uid):
             raise OutputError(f"{where}.tracking_uid {finding.tracking_uid!r} is not a valid UID")
         if finding.tracking_uid in seen:
             raise OutputError(f"{where}.tracking_uid {finding.tracking_uid} is not unique")
@@ -244,12 +246,12 @@ def _finding_group(
 
 
 def _classification_group(
-    item: Classification, algorithm: AlgorithmInfo
+    item: Classification, algorithm: AlgorithmInfo, uid: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     algorithm_id = _algorithm_id(algorithm)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{item.label.name} classification"
+            uid=uid, identifier=f"{item.label.name} classification"
         ),
         algorithm_id=algorithm_id,
         measurements=[_measurement(PROBABILITY, item.probability, NO_UNITS, algorithm_id)],
@@ -262,11 +264,11 @@ def _classification_group(
 
 
 def _absent_group(
-    finding: Code, label_name: str, algorithm: AlgorithmInfo
+    finding: Code, label_name: str, algorithm: AlgorithmInfo, uid: str
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{label_name}: none found"
+            uid=uid, identifier=f"{label_name}: none found"
         ),
         algorithm_id=_algorithm_id(algorithm),
         qualitative_evaluations=[
@@ -350,7 +352,7 @@ def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
 
 
 def _groups(
-    result: PipelineResult, segmentation: Dataset
+    result: PipelineResult, segmentation: Dataset, uid_seed: str | None
 ) -> list[
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
@@ -359,10 +361,18 @@ def _groups(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [_finding_group(f, result, segmentation) for f in result.findings]
-    groups.extend(_classification_group(c, result.algorithm) for c in result.classifications)
+    groups.extend(
+        _classification_group(c, result.algorithm, new_uid(uid_seed, "classification", str(i)))
+        for i, c in enumerate(result.classifications)
+    )
     with_findings = {f.segment_number for f in result.findings}
     groups.extend(
-        _absent_group(s.label.finding, s.label.name, result.algorithm)
+        _absent_group(
+            s.label.finding,
+            s.label.name,
+            result.algorithm,
+            new_uid(uid_seed, "absent", str(s.segment_number)),
+        )
         for s in result.segments
         if s.segment_number not in with_findings
     )
@@ -377,6 +387,7 @@ def build_measurement_report(
     series_number: int = 9002,
     instance_number: int = 1,
     procedure_reported: Code | None = None,
+    uid_seed: str | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR with a TID 1500 Measurement Report for ``result``.
 
@@ -394,6 +405,9 @@ def build_measurement_report(
     procedure_reported
         The exam to report on; default: the source's ProcedureCodeSequence, else
         (25045-6, LN, "CT unspecified body region") for CT.
+    uid_seed
+        When given, the Series/SOP Instance UIDs and the tracking UIDs of the
+        classification groups are derived from it (a retried job writes the same UIDs).
 
     Raises
     ------
@@ -412,7 +426,7 @@ def build_measurement_report(
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
             raise OutputError(f"{name} must be a positive integer, not {value!r}")
-    groups = _groups(result, segmentation)
+    groups = _groups(result, segmentation, uid_seed)
     if not groups:
         raise OutputError("result has no findings, classifications or segments: nothing to report")
 
@@ -423,9 +437,9 @@ def build_measurement_report(
         sr = hd.sr.Comprehensive3DSR(
             evidence=[*source_datasets, segmentation],
             content=root,
-            series_instance_uid=hd.UID(),
+            series_instance_uid=new_uid(uid_seed, "sr", "series"),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=new_uid(uid_seed, "sr", "instance"),
             instance_number=instance_number,
             manufacturer=MANUFACTURER,
             is_complete=True,

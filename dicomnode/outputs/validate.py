@@ -88,7 +88,10 @@ def run_dsrdump(path: Path | str) -> ValidationReport:
     proc = _run("dsrdump", [str(path)])
     diagnostics = proc.stderr.splitlines()
     errors = [
-        line for line in diagnostics if line.startswith(("E:", "F:")) or "error" in line.lower()
+        line
+        for line in diagnostics
+        if line.startswith(("E:", "F:"))
+        or ("error" in line.lower() and not line.startswith(("W:", "I:", "D:")))
     ]
     warnings = [line for line in diagnostics if line.startswith("W:")]
     if proc.returncode != 0 and not errors:
