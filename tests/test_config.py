@@ -58,19 +58,25 @@ def test_valid_config_is_loaded_with_paths_relative_to_the_file(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("patch", "key"),
     [
-        (('port = 5104', 'port = 70000'), "node.port"),
-        (('port = 5104', 'port = "x"'), "node.port"),
+        (("port = 5104", "port = 70000"), "node.port"),
+        (("port = 5104", 'port = "x"'), "node.port"),
         (('ae_title = "NODE"', 'ae_title = "WAY_TOO_LONG_AE_TITLE"'), "node.ae_title"),
-        (('[node]', '[node]\ncolour = "red"'), "node.colour"),
+        (("[node]", '[node]\ncolour = "red"'), "node.colour"),
         (('Modality = "CT"', 'Modalityy = "CT"'), "routes[0].match[0].Modalityy"),
-        (('SliceThickness = { le = 5 }', 'SliceThickness = { below = 5 }'),
-         "routes[0].match[0].SliceThickness.below"),
-        (('SliceThickness = { le = 5 }', 'SliceThickness = { le = "five" }'),
-         "routes[0].match[0].SliceThickness.le"),
-        (('destinations = ["pacs", "out", "@sender"]', 'destinations = ["nowhere"]'),
-         "routes[0].destinations"),
+        (
+            ("SliceThickness = { le = 5 }", "SliceThickness = { below = 5 }"),
+            "routes[0].match[0].SliceThickness.below",
+        ),
+        (
+            ("SliceThickness = { le = 5 }", 'SliceThickness = { le = "five" }'),
+            "routes[0].match[0].SliceThickness.le",
+        ),
+        (
+            ('destinations = ["pacs", "out", "@sender"]', 'destinations = ["nowhere"]'),
+            "routes[0].destinations",
+        ),
         (('pipeline = "lesion"', 'pipeline = "other"'), "routes[0].pipeline"),
-        (('[[folders]]', '[[folders]]\nmode = 1'), "folders[0].mode"),
+        (("[[folders]]", "[[folders]]\nmode = 1"), "folders[0].mode"),
     ],
 )
 def test_wrong_key_or_value_is_an_error_naming_the_key(
@@ -100,5 +106,7 @@ def test_overrides_patch_node_keys(tmp_path: Path) -> None:
 
 
 def test_backoff_grows_exponentially_and_is_capped(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, BASE + "\n[jobs]\nbackoff_initial_s = 1\nbackoff_max_s = 5\n"))
+    cfg = load_config(
+        write(tmp_path, BASE + "\n[jobs]\nbackoff_initial_s = 1\nbackoff_max_s = 5\n")
+    )
     assert [cfg.jobs.delay(a) for a in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]

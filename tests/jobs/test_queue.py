@@ -45,7 +45,9 @@ def test_happy_path_queued_running_sending_done(queue: JobQueue, tmp_path: Path)
     job = queue.claim()
     assert job is not None and job.id == job_id and job.state == RUNNING and job.attempts == 1
     assert queue.claim() is None
-    queue.finish_processing(job_id, [("pacs", tmp_path / "a.dcm"), ("pacs", tmp_path / "b.dcm")], "{}")
+    queue.finish_processing(
+        job_id, [("pacs", tmp_path / "a.dcm"), ("pacs", tmp_path / "b.dcm")], "{}"
+    )
     assert queue.get(job_id).state == SENDING
     items = queue.take_due("pacs")
     assert len(items) == 2

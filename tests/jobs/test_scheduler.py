@@ -21,13 +21,15 @@ MR_ONLY = (Route("mr", "lesion", ("pacs",), parse_rule([{"Modality": "MR"}])),)
 
 @pytest.fixture
 def study(tmp_path: Path) -> list[bytes]:
-    files = write_phantom(generate_phantom(PhantomSpec(rows=32, columns=32, slices=6, lesions=())),
-                          tmp_path / "in")
+    files = write_phantom(
+        generate_phantom(PhantomSpec(rows=32, columns=32, slices=6, lesions=())), tmp_path / "in"
+    )
     return [p.read_bytes() for p in files]
 
 
-def make(tmp_path: Path, routes: tuple[Route, ...] = ROUTES, rerun: bool = True
-         ) -> tuple[Spool, JobQueue, Scheduler]:
+def make(
+    tmp_path: Path, routes: tuple[Route, ...] = ROUTES, rerun: bool = True
+) -> tuple[Spool, JobQueue, Scheduler]:
     index = Index(tmp_path / "data")
     queue = JobQueue(index, RetrySettings(), RetrySettings())
     spool = Spool(tmp_path / "data", index, min_free_bytes=0, rerun_late=rerun)

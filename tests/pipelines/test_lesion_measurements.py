@@ -34,12 +34,14 @@ def test_sphere_volume_and_diameter_match_geometry_with_anisotropic_voxels() -> 
     vol = volume((60, 80, 80), (0.5, 0.5), 1.0)
     k, r, c = np.mgrid[0:60, 0:80, 0:80]
     centre, radius = np.array([30.0, 20.0, 20.0]), 10.0  # mm (z, y, x)
-    inside = ((k * 1.0 - centre[0]) ** 2 + (r * 0.5 - centre[1]) ** 2
-              + (c * 0.5 - centre[2]) ** 2) <= radius**2
+    inside = (
+        (k * 1.0 - centre[0]) ** 2 + (r * 0.5 - centre[1]) ** 2 + (c * 0.5 - centre[2]) ** 2
+    ) <= radius**2
     small = np.zeros_like(inside)
     small[5, 70:72, 70:72] = True  # 4 voxels = 1 mm3: below the minimum, dropped
-    mask, findings = measure_components(vol, inside | small, LABEL, 1, min_volume_mm3=10.0,
-                                        uid_seed="t")
+    mask, findings = measure_components(
+        vol, inside | small, LABEL, 1, min_volume_mm3=10.0, uid_seed="t"
+    )
     assert len(findings) == 1 and not mask[5].any()
     f = findings[0]
     assert abs(f.volume_mm3 - 4 / 3 * math.pi * radius**3) / (4 / 3 * math.pi * radius**3) < 0.03

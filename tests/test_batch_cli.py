@@ -1,0 +1,132 @@
+"""Batch conversion and the command line, on real files with the fixture models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fixtures_models import max_classifier, threshold_segmenter
+from pydicom import dcmread
+
+from dicomnode.batch import RESULT_FILE, run_batch
+from dicomnode.cli import main
+from dicomnode.config import Config, PipelineSettings, Route
+from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.routing.rules import parse_rule
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    seg = threshold_segmenter(tmp_path / "seg")
+    cls = max_classifier(tmp_path / "cls")
+    rule = parse_rule([{"Modality": "CT", "instance_count": {"ge": 8}}])
+    return Config(
+        pipelines=(PipelineSettings("lesion", seg, cls),),
+        routes=(Route("ct", "lesion", ("out",), rule),),
+    )
+
+
+def make_input(root: Path) -> None:
+    for i, slices in enumerate((10, 12)):
+        write_phantom(
+            generate_phantom(PhantomSpec(rows=64, columns=64, slices=slices, seed=i, lesions=())),
+            root / f"study{i}",
+        )
+    write_phantom(
+        generate_phantom(PhantomSpec(rows=64, columns=64, slices=4, lesions=())), root / "too-short"
+    )
+    (root / "notes.txt").write_text("not DICOM")
+    (root / "study0" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 10)
+
+
+def test_batch_converts_resumes_and_reports(config: Config, tmp_path: Path) -> None:
+    make_input(tmp_path / "in")
+    summary = run_batch(config, tmp_path / "in", tmp_path / "out")
+    assert len(summary.done) == 2 and len(summary.ignored) == 1 and summary.ok
+    for study in summary.done:
+        result = json.loads((tmp_path / "out" / study / RESULT_FILE).read_text())
+        classes = sorted(
+            str(dcmread(p).SOPClassUID) for p in (tmp_path / "out" / study).glob("*.dcm")
+        )
+        assert classes == [SEG_CLASS, SR_CLASS]
+        assert result["results"][0]["findings"]
+    again = run_batch(config, tmp_path / "in", tmp_path / "out")
+    assert sorted(again.skipped) == sorted(summary.done) and not again.done
+
+
+def test_batch_failure_is_reported_and_exit_code_nonzero(
+    config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = write_phantom(
+        generate_phantom(PhantomSpec(rows=64, columns=64, slices=10, lesions=())), tmp_path / "in"
+    )
+    ds = dcmread(files[3])
+    ds.ImagePositionPatient = dcmread(files[4]).ImagePositionPatient  # duplicate position
+    ds.save_as(files[3])
+    summary = run_batch(config, tmp_path / "in", tmp_path / "out")
+    (reason,) = summary.failed.values()
+    assert "ImagingError" in reason
+    cfg_file = tmp_path / "node.toml"
+    cfg_file.write_text(f"""
+[[folders]]
+name = "out"
+path = "{tmp_path / "o2"}"
+[[pipelines]]
+name = "lesion"
+segmentation = "{config.pipelines[0].segmentation}"
+[[routes]]
+name = "ct"
+pipeline = "lesion"
+destinations = ["out"]
+[[routes.match]]
+Modality = "CT"
+""")
+    assert (
+        main(["batch", str(tmp_path / "in"), str(tmp_path / "out2"), "--config", str(cfg_file)])
+        == 1
+    )
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_route_explain_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_phantom(
+        generate_phantom(PhantomSpec(rows=32, columns=32, slices=5, lesions=())), tmp_path / "study"
+    )
+    assert main(["route", "explain", str(tmp_path / "study")]) == 0
+    out = capsys.readouterr().out
+    assert "no match" in out and "instance_count >= 20 fails" in out
+    assert "would be recorded as ignored" in out
+
+
+def test_check_config_reports_errors_with_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nport = -1\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "node.port" in capsys.readouterr().err
+
+
+def test_jobs_command_lists_and_retries(
+    config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode.jobs.queue import JobQueue
+    from dicomnode.spool.index import Index
+
+    data = tmp_path / "data"
+    queue = JobQueue(Index(data), config.jobs, config.delivery)
+    with queue.index.transaction() as conn:
+        job_id = queue.create(conn, "1.2.3", "ct", 1, ["1.2.3.4"], ["out"])
+    queue.claim()
+    assert job_id is not None
+    queue.fail(job_id, "ImagingError: gap between slices", transient=False)
+    cfg_file = tmp_path / "node.toml"
+    cfg_file.write_text(f'[node]\ndata_dir = "{data}"\n')
+    assert main(["jobs", "--config", str(cfg_file)]) == 0
+    assert "failed" in capsys.readouterr().out
+    assert main(["jobs", "retry", str(job_id), "--config", str(cfg_file)]) == 0
+    assert queue.get(job_id).state == "queued"
