@@ -110,3 +110,9 @@ def test_backoff_grows_exponentially_and_is_capped(tmp_path: Path) -> None:
         write(tmp_path, BASE + "\n[jobs]\nbackoff_initial_s = 1\nbackoff_max_s = 5\n")
     )
     assert [cfg.jobs.delay(a) for a in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+
+
+def test_example_config_in_the_repository_is_valid() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "config" / "node.toml")
+    assert cfg.routes[0].destinations == (SENDER, "archive")
+    assert cfg.node.allowed_callers[0].hosts == ("127.0.0.1",)
