@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -75,6 +76,11 @@ NO_UNITS = Code("1", "UCUM", "no units")
 CT_UNSPECIFIED = Code("25045-6", "LN", "CT unspecified body region")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging")
 SOURCE = Code("260753009", "SCT", "Source")  # TID 1601 image library entry
+
+MeasurementGroup: TypeAlias = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 _PATIENT_STUDY_KEYWORDS = (
     "PatientID",
@@ -319,10 +325,7 @@ def _image_library(source_datasets: Sequence[Dataset]) -> hd.sr.ContainerContent
 def _measurement_report(
     result: PipelineResult,
     source_datasets: Sequence[Dataset],
-    groups: Sequence[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ],
+    groups: Sequence[MeasurementGroup],
     procedures: Sequence[CodedConcept],
 ) -> Dataset:
     """The TID 1500 root content item, with the image library before the measurements."""
@@ -353,14 +356,10 @@ def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
 
 def _groups(
     result: PipelineResult, segmentation: Dataset, uid_seed: str | None
-) -> list[
-    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    | hd.sr.MeasurementsAndQualitativeEvaluations
-]:
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = [_finding_group(f, result, segmentation) for f in result.findings]
+) -> list[MeasurementGroup]:
+    groups: list[MeasurementGroup] = [
+        _finding_group(f, result, segmentation) for f in result.findings
+    ]
     groups.extend(
         _classification_group(c, result.algorithm, new_uid(uid_seed, "classification", str(i)))
         for i, c in enumerate(result.classifications)

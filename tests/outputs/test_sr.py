@@ -268,3 +268,15 @@ def test_invalid_procedure_code(case_factory: CaseFactory) -> None:
         build_measurement_report(
             case.result, case.source, seg, procedure_reported=Code("", "LN", "x")
         )
+
+
+def test_uid_seed_gives_the_same_report_uids(case_factory: CaseFactory) -> None:
+    case = case_factory("axial")
+    seg = build_segmentation(case.result, case.source, uid_seed="job-7")
+    first, again = (
+        build_measurement_report(case.result, case.source, seg, uid_seed="job-7") for _ in range(2)
+    )
+    assert first.SOPInstanceUID == again.SOPInstanceUID != seg.SOPInstanceUID
+    assert first.SeriesInstanceUID == again.SeriesInstanceUID
+    groups = [report_of(sr).get_image_measurement_groups()[0] for sr in (first, again)]
+    assert groups[0].tracking_uid == groups[1].tracking_uid
