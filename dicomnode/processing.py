@@ -98,9 +98,9 @@ class Processor:
     ) -> SeriesOutput:
         volume = load_volume(paths)
         result = self.pipeline(pipeline).run(volume, uid_seed=uid_seed)
-        sources = [dcmread(p, stop_before_pixels=False) for p in volume.source_paths]
-        seg = build_segmentation(result, sources)
-        sr = build_measurement_report(result, sources, seg)
+        sources = [dcmread(p, stop_before_pixels=True) for p in volume.source_paths]
+        seg = build_segmentation(result, sources, uid_seed=uid_seed)
+        sr = build_measurement_report(result, sources, seg, uid_seed=uid_seed)
         out_dir.mkdir(parents=True, exist_ok=True)
         seg_path = out_dir / f"{volume.series_instance_uid}-seg.dcm"
         sr_path = out_dir / f"{volume.series_instance_uid}-sr.dcm"
