@@ -53,7 +53,9 @@ def test_batch_converts_resumes_and_reports(config: Config, tmp_path: Path) -> N
             str(dcmread(p).SOPClassUID) for p in (tmp_path / "out" / study).glob("*.dcm")
         )
         assert classes == [SEG_CLASS, SR_CLASS]
-        assert result["results"][0]["findings"]
+        (entry,) = result["results"]
+        assert entry["route"] == "ct" and "findings" in entry
+        assert entry["classifications"][0]["label"] == "Bright present"
     again = run_batch(config, tmp_path / "in", tmp_path / "out")
     assert sorted(again.skipped) == sorted(summary.done) and not again.done
 

@@ -9,6 +9,8 @@ running on a GPU is retried once on the CPU with a warning, never a crash.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,12 +48,24 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+@functools.cache
+def cuda_driver_present() -> bool:
+    """Is an NVIDIA driver loadable?  onnxruntime-gpu lists CUDA even where there is none."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def choose_providers(wanted: Sequence[str], tensorrt: bool = False) -> list[str]:
-    """Map config names to ORT provider names, keeping only available ones, CPU last."""
+    """Map config names to ORT provider names, keeping only usable ones, CPU last."""
     names = [n for n in wanted if n != "tensorrt" or tensorrt]
     if tensorrt and "tensorrt" not in names:
         names.insert(0, "tensorrt")
     available = set(available_providers())
+    if not cuda_driver_present():
+        available -= {PROVIDERS["cuda"], PROVIDERS["tensorrt"]}
     chosen = [PROVIDERS[n] for n in names if PROVIDERS[n] in available]
     if PROVIDERS["cpu"] not in chosen:
         chosen.append(PROVIDERS["cpu"])
