@@ -94,13 +94,28 @@ class Processor:
         return LesionPipeline(runner(p.segmentation), cls)
 
     def process_series(
-        self, paths: Sequence[Path], pipeline: str, out_dir: Path, uid_seed: str
+        self,
+        paths: Sequence[Path],
+        pipeline: str,
+        out_dir: Path,
+        uid_seed: str,
+        *,
+        generation: int = 1,
+        previous_reports: Sequence[Path] = (),
     ) -> SeriesOutput:
         volume = load_volume(paths)
         result = self.pipeline(pipeline).run(volume, uid_seed=uid_seed)
         sources = [dcmread(p, stop_before_pixels=True) for p in volume.source_paths]
-        seg = build_segmentation(result, sources, uid_seed=uid_seed)
-        sr = build_measurement_report(result, sources, seg, uid_seed=uid_seed)
+        previous = [dcmread(p, stop_before_pixels=True) for p in previous_reports if p.is_file()]
+        seg = build_segmentation(result, sources, uid_seed=uid_seed, instance_number=generation)
+        sr = build_measurement_report(
+            result,
+            sources,
+            seg,
+            uid_seed=uid_seed,
+            instance_number=generation,
+            previous_versions=previous,
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         seg_path = out_dir / f"{volume.series_instance_uid}-seg.dcm"
         sr_path = out_dir / f"{volume.series_instance_uid}-sr.dcm"
@@ -123,11 +138,28 @@ class Processor:
             if not paths:
                 raise ImagingError(f"series {series_uid} has no instances in the spool")
             seed = f"{job.study_instance_uid}/{job.route}/{job.generation}/{series_uid}"
-            result = self.process_series(paths, route.pipeline, out_dir, seed)
+            result = self.process_series(
+                paths,
+                route.pipeline,
+                out_dir,
+                seed,
+                generation=job.generation,
+                previous_reports=self._previous_reports(job, series_uid, index),
+            )
             summaries.append(result.summary)
             for d in destinations:
                 outputs += [(d, result.segmentation), (d, result.report)]
         return outputs, json.dumps({"series": summaries})
+
+    def _previous_reports(self, job: Job, series_uid: str, index: Index) -> list[Path]:
+        """SRs of earlier generations of this (study, route) that this run supersedes."""
+        rows = index.connect().execute(
+            "SELECT id FROM jobs WHERE study_instance_uid = ? AND route = ? AND generation < ? "
+            "AND state IN ('sending', 'done') ORDER BY generation",
+            (job.study_instance_uid, job.route, job.generation),
+        )
+        folder = self.config.node.data_dir / "results"
+        return [folder / f"job-{r[0]}" / f"{series_uid}-sr.dcm" for r in rows]
 
     def _resolve(self, job: Job, index: Index) -> list[str]:
         names = []

@@ -387,6 +387,7 @@ def build_measurement_report(
     instance_number: int = 1,
     procedure_reported: Code | None = None,
     uid_seed: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build a Comprehensive 3D SR with a TID 1500 Measurement Report for ``result``.
 
@@ -407,6 +408,9 @@ def build_measurement_report(
     uid_seed
         When given, the Series/SOP Instance UIDs and the tracking UIDs of the
         classification groups are derived from it (a retried job writes the same UIDs).
+    previous_versions
+        Earlier reports this one supersedes (a re-run after late instances); they are
+        listed in the Predecessor Documents Sequence.
 
     Raises
     ------
@@ -449,6 +453,7 @@ def build_measurement_report(
             manufacturer_model_name=algorithm.name,
             software_versions=algorithm.version,
             coding_schemes=[IHE_CODING_SCHEME],
+            previous_versions=list(previous_versions) or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks; ours first
         raise OutputError(f"highdicom refused the measurement report: {exc}") from exc
