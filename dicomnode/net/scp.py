@@ -191,7 +191,9 @@ class StorageSCP:
 class FolderSCP:
     """A minimal storage SCP that writes what it receives into a folder (demo, tests)."""
 
-    def __init__(self, ae_title: str, folder: Path, bind_address: str = "127.0.0.1") -> None:
+    def __init__(
+        self, ae_title: str, folder: Path, bind_address: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.folder = folder
         self.received: list[Path] = []
         self._cond = threading.Condition()
@@ -199,7 +201,7 @@ class FolderSCP:
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        self._address = (bind_address, 0)
+        self._address = (bind_address, port)
         self._server: ThreadedAssociationServer | None = None
 
     @property

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sqlite3
+import struct
 import time
 import uuid
 import zlib
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
 from dicomnode.spool.index import Index
@@ -58,9 +59,15 @@ class InstanceHeader:
 def read_header(encoded: bytes) -> InstanceHeader:
     """Parse the four UIDs from encoded bytes (file meta + dataset) without pixel data."""
     try:
-        ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        stream = io.BytesIO(encoded)
+        ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         values = [str(ds.get(k, "")).strip() for k in _HEADER_TAGS]
+        if ts and ts != DeflatedExplicitVRLittleEndian:
+            # dcmread leaves the stream at the Pixel Data element (or at the end).
+            _check_pixel_data(encoded, stream.tell(), UID(ts))
+    except InvalidInstanceError:
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, zlib.error) as exc:
         raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -72,6 +79,50 @@ def read_header(encoded: bytes) -> InstanceHeader:
             raise InvalidInstanceError(f"{keyword} {value[:70]!r} is not a valid UID")
     sop_class, sop_instance, study, series = values
     return InstanceHeader(sop_class, sop_instance, study, series, ts)
+
+
+_PIXEL_DATA = 0x7FE00010
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_pixel_data(encoded: bytes, offset: int, ts: UID) -> None:
+    """Refuse a dataset whose Pixel Data element is cut short (a truncated transfer).
+
+    Reads only the element header and, for encapsulated data, the fragment item headers:
+    no decoding.  Native data must fit in what arrived; encapsulated data must reach its
+    sequence delimiter.
+    """
+    if offset + 8 > len(encoded):
+        return  # no Pixel Data element
+    endian = "<" if ts.is_little_endian else ">"
+    group, element = struct.unpack_from(endian + "HH", encoded, offset)
+    if (group << 16 | element) != _PIXEL_DATA:
+        return  # not at Pixel Data: nothing to check
+    if ts.is_implicit_VR:
+        (length,) = struct.unpack_from(endian + "L", encoded, offset + 4)
+        value = offset + 8
+    else:
+        if offset + 12 > len(encoded):
+            raise InvalidInstanceError("the Pixel Data element is truncated")
+        (length,) = struct.unpack_from(endian + "L", encoded, offset + 8)
+        value = offset + 12
+    if length != _UNDEFINED_LENGTH:
+        if value + length > len(encoded):
+            raise InvalidInstanceError(
+                f"Pixel Data is truncated: {len(encoded) - value} of {length} bytes arrived"
+            )
+        return
+    position = value
+    while position + 8 <= len(encoded):
+        tag_group, tag_element, item_length = struct.unpack_from("<HHL", encoded, position)
+        tag = tag_group << 16 | tag_element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM or item_length == _UNDEFINED_LENGTH:
+            raise InvalidInstanceError("encapsulated Pixel Data has an invalid item")
+        position += 8 + item_length
+    raise InvalidInstanceError("encapsulated Pixel Data is truncated (no sequence delimiter)")
 
 
 def _fsync_dir(path: Path) -> None:

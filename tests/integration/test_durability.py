@@ -1,0 +1,157 @@
+"""Nothing acknowledged is lost: a restart between receive and processing, a PACS that is down.
+
+The node is stopped and started again over the same data directory; the study must be
+processed exactly once and its results delivered exactly once.  A destination that is down
+keeps the job in ``sending`` with its outbox rows backing off, and the results arrive once
+it is back on the same port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicomnode.config import RetrySettings
+from dicomnode.imaging.phantom import Phantom
+from dicomnode.net.scp import FolderSCP
+from dicomnode.net.scu import Peer, send_files
+from dicomnode.node import Node
+
+from .peers import COMPREHENSIVE_3D_SR_CLASS, SEG_CLASS, StoreSCP, describe_jobs, wait_until
+
+NodeFactory = Callable[..., Node]
+
+
+def _send(node: Node, files: list[Path]) -> None:
+    results = send_files(Peer("DICOMNODE", "127.0.0.1", node.port), files, "MODALITY")
+    assert [r.status for r in results] == [0] * len(files), [r.error for r in results]
+
+
+def _one_done_job(node: Node) -> bool:
+    return [j.state for j in node.queue.list_jobs()] == ["done"]
+
+
+def _sop_classes(paths: list[Path]) -> list[str]:
+    return sorted(str(dcmread(p, stop_before_pixels=True).SOPClassUID) for p in paths)
+
+
+def test_restart_between_receive_and_processing_processes_once(
+    node_factory: NodeFactory,
+    folder_scp: FolderSCP,
+    phantom: Phantom,
+    phantom_files: list[Path],
+    tmp_path: Path,
+) -> None:
+    study_uid = str(phantom.datasets[0].StudyInstanceUID)
+    data_dir = tmp_path / "node"
+    # Given a study received by a node whose quiet period has not ended
+    first = node_factory(data_dir=data_dir, quiet_period_s=3600.0, pacs_port=folder_scp.port)
+    _send(first, phantom_files)
+    study = first.index.study(study_uid)
+    assert study is not None and study.state == "receiving"
+    assert first.queue.list_jobs() == []
+
+    # When the node stops and starts again over the same data directory
+    first.stop()
+    second = node_factory(data_dir=data_dir, quiet_period_s=0.5, pacs_port=folder_scp.port)
+
+    # Then the study is completed from the index, processed once and delivered once
+    wait_until(lambda: _one_done_job(second), 60, f"one done job; {describe_jobs(second)}")
+    assert _sop_classes(folder_scp.received) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
+    job = second.queue.list_jobs()[0]
+    assert job.attempts == 1 and job.generation == 1
+    assert [i.state for i in second.queue.items(job.id)] == ["done", "done"]
+    assert len(second.index.latest_instances(study_uid)) == len(phantom_files)
+
+    # And a further restart finds nothing left to do
+    second.stop()
+    third = node_factory(data_dir=data_dir, quiet_period_s=0.5, start=False)
+    assert third.scheduler.tick() == []
+    assert third.queue.recover() == (0, 0)
+    assert third.queue.due_destinations() == []
+    assert third.queue.claim() is None
+    assert len(folder_scp.received) == 2
+
+
+@pytest.mark.peer
+def test_results_wait_for_a_pacs_that_is_down(
+    node_factory: NodeFactory,
+    free_port: Callable[[], int],
+    require_tool: Callable[[str], str],
+    phantom_files: list[Path],
+    tmp_path: Path,
+) -> None:
+    storescp = require_tool("storescp")
+    pacs_port = free_port()
+    pacs = StoreSCP(storescp, pacs_port, tmp_path / "pacs")
+    # Given a node whose PACS is not running, with a fast delivery back-off
+    node = node_factory(
+        pacs_port=pacs_port,
+        delivery=RetrySettings(max_attempts=1000, backoff_initial_s=0.2, backoff_max_s=0.4),
+    )
+
+    # When a study arrives and its results are ready
+    _send(node, phantom_files)
+
+    # Then the job waits in 'sending' while the outbox rows back off and retry
+    def backing_off() -> bool:
+        jobs = node.queue.list_jobs()
+        if [j.state for j in jobs] != ["sending"]:
+            return False
+        items = node.queue.items(jobs[0].id)
+        return len(items) == 2 and all(
+            i.attempts >= 2 and i.state in ("pending", "sending") for i in items
+        )
+
+    wait_until(backing_off, 60, f"outbox rows retrying; {describe_jobs(node)}")
+    job = node.queue.list_jobs()[0]
+    assert all("cannot associate" in i.last_error for i in node.queue.items(job.id))
+    assert node.queue.outbox_counts().get("done", 0) == 0
+
+    # And once the PACS is started on the same port, the results arrive and the job is done
+    pacs.start()
+    try:
+        wait_until(lambda: _one_done_job(node), 30, f"job done; {describe_jobs(node)}")
+        assert _sop_classes(pacs.files()) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
+        assert [i.state for i in node.queue.items(job.id)] == ["done", "done"]
+    finally:
+        pacs.stop()
+
+
+def test_results_waiting_for_delivery_survive_a_restart(
+    node_factory: NodeFactory,
+    free_port: Callable[[], int],
+    phantom_files: list[Path],
+    tmp_path: Path,
+) -> None:
+    pacs_port = free_port()
+    data_dir = tmp_path / "node"
+    fast = RetrySettings(max_attempts=1000, backoff_initial_s=0.2, backoff_max_s=0.4)
+    # Given results waiting in the outbox because the PACS is down
+    first = node_factory(data_dir=data_dir, pacs_port=pacs_port, delivery=fast)
+    _send(first, phantom_files)
+    wait_until(
+        lambda: (
+            [j.state for j in first.queue.list_jobs()] == ["sending"]
+            and all(i.attempts >= 1 for i in first.queue.items(first.queue.list_jobs()[0].id))
+        ),
+        60,
+        f"the job to wait for delivery; {describe_jobs(first)}",
+    )
+
+    # When the node restarts and the PACS comes back on the same port
+    first.stop()
+    pacs = FolderSCP("PACS", tmp_path / "pacs", port=pacs_port)
+    pacs.start()
+    try:
+        second = node_factory(data_dir=data_dir, pacs_port=pacs_port, delivery=fast)
+
+        # Then the results are delivered exactly once, without running the job again
+        wait_until(lambda: _one_done_job(second), 30, f"job done; {describe_jobs(second)}")
+        assert _sop_classes(pacs.received) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
+        assert second.queue.list_jobs()[0].attempts == 1
+    finally:
+        pacs.stop()

@@ -1,0 +1,112 @@
+"""Orthanc as the PACS: it auto-routes a study to the node and gets the SEG + SR back.
+
+Orthanc runs on free DICOM and HTTP ports in a temporary folder, knows the node as the
+modality ``dicomnode``, and is known to the node as the remote ``ORTHANC``; the route sends
+results to ``@sender``, i.e. back to the AE that sent the study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+
+from dicomnode.config import Remote
+from dicomnode.imaging.phantom import Phantom
+from dicomnode.node import Node
+from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
+
+from .peers import COMPREHENSIVE_3D_SR_CLASS, SEG_CLASS, Orthanc, describe_jobs, wait_until
+
+pytestmark = pytest.mark.peer
+
+
+@pytest.fixture
+def orthanc_node(
+    tmp_path: Path,
+    free_port: Callable[[], int],
+    node_factory: Callable[..., Node],
+    require_tool: Callable[[str], str],
+) -> Iterator[tuple[Orthanc, Node]]:
+    executable = require_tool("Orthanc")
+    dicom_port = free_port()
+    node = node_factory(
+        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, 20.0)],
+        destinations=("@sender",),
+    )
+    orthanc = Orthanc(
+        executable,
+        tmp_path / "orthanc",
+        dicom_port,
+        free_port(),
+        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
+    )
+    orthanc.start()
+    yield orthanc, node
+    orthanc.stop()
+
+
+def test_orthanc_routes_study_and_stores_seg_and_sr(
+    orthanc_node: tuple[Orthanc, Node],
+    phantom: Phantom,
+    phantom_files: list[Path],
+    require_tool: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    require_tool("dciodvfy")
+    require_tool("dsrdump")
+    orthanc, node = orthanc_node
+    # Given the study stored in Orthanc
+    uploaded = [orthanc.upload(f) for f in phantom_files]
+    study_ids = {u["ParentStudy"] for u in uploaded}
+    assert len(study_ids) == 1
+    study_id = study_ids.pop()
+
+    # When Orthanc sends it to the node (as an auto-routing rule would)
+    answer = orthanc.post_json(
+        "/modalities/dicomnode/store", {"Resources": [study_id], "Synchronous": True}
+    )
+    assert int(answer.get("InstancesCount", len(phantom_files))) == len(phantom_files), answer
+    assert int(answer.get("FailedInstancesCount", 0)) == 0, answer
+
+    # Then the node received every instance from ORTHANC...
+    study_uid = str(phantom.datasets[0].StudyInstanceUID)
+    rows = node.index.latest_instances(study_uid)
+    assert len(rows) == len(phantom_files)
+    assert {r.calling_ae for r in rows} == {"ORTHANC"}
+
+    # ...and the SEG and the SR end up stored in Orthanc, in the same study
+    def results() -> tuple[list[str], list[str]] | None:
+        found = (
+            orthanc.find_instances(SEG_CLASS),
+            orthanc.find_instances(COMPREHENSIVE_3D_SR_CLASS),
+        )
+        return found if all(found) else None
+
+    segs, srs = wait_until(results, 60, f"SEG and SR in Orthanc; jobs {describe_jobs(node)}", 0.2)
+    assert len(segs) == 1 and len(srs) == 1
+    assert len(orthanc.get(f"/studies/{study_id}/instances")) == len(phantom_files) + 2
+    wait_until(lambda: [j.state for j in node.queue.list_jobs()] == ["done"], 20, "job done")
+
+    # ...readable by highdicom and clean for dciodvfy (and dsrdump for the SR)
+    seg_path = tmp_path / "seg.dcm"
+    sr_path = tmp_path / "sr.dcm"
+    seg_path.write_bytes(orthanc.request("GET", f"/instances/{segs[0]}/file"))
+    sr_path.write_bytes(orthanc.request("GET", f"/instances/{srs[0]}/file"))
+    seg = hd.seg.segread(seg_path)
+    sr = hd.sr.srread(sr_path)
+    assert isinstance(seg, hd.seg.Segmentation)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == study_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == str(
+        phantom.datasets[0].SeriesInstanceUID
+    )
+    assert dcmread(sr_path).ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    for path in (seg_path, sr_path):
+        report = run_dciodvfy(path)
+        assert report.errors == [], report.output
+    dump = run_dsrdump(sr_path)
+    assert dump.errors == [], dump.output
