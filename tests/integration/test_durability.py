@@ -8,6 +8,8 @@ it is back on the same port.
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +17,19 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import RetrySettings
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
 
-from .peers import COMPREHENSIVE_3D_SR_CLASS, SEG_CLASS, StoreSCP, describe_jobs, wait_until
+from .peers import (
+    COMPREHENSIVE_3D_SR_CLASS,
+    SEG_CLASS,
+    StoreSCP,
+    describe_jobs,
+    peer_environment,
+    wait_until,
+)
 
 NodeFactory = Callable[..., Node]
 
@@ -155,3 +164,50 @@ def test_results_waiting_for_delivery_survive_a_restart(
         assert second.queue.list_jobs()[0].attempts == 1
     finally:
         pacs.stop()
+
+
+@pytest.mark.peer
+def test_stop_finishes_the_association_in_flight(
+    node_factory: NodeFactory, require_tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    storescu = require_tool("storescu")
+    echoscu = require_tool("echoscu")
+    spec = PhantomSpec(rows=64, columns=64, slices=120, pixel_spacing=(5.6, 5.6), n_lesions=0)
+    files = write_phantom(generate_phantom(spec), tmp_path / "long")
+    node = node_factory(quiet_period_s=3600.0, pacs_port=9)
+    port = node.port
+    # Given storescu in the middle of sending a 120-instance study
+    proc = subprocess.Popen(
+        [storescu, "-aec", "DICOMNODE", "-R", "127.0.0.1", str(port), *map(str, files)],
+        env=peer_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: node.scp.counters.stored >= 5, 30, "the first instances")
+
+        # When the node is stopped (what SIGTERM does)
+        stopping = threading.Thread(target=node.stop)
+        stopping.start()
+        stored_when_stopped = node.scp.counters.stored
+
+        # Then the association in flight completes: every instance acknowledged and indexed
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopping.join(60)
+    assert not stopping.is_alive()
+    assert stored_when_stopped < len(files), "storescu finished before the stop began"
+    assert proc.returncode == 0, output
+    study = node.index.latest_instances(str(dcmread(files[0]).StudyInstanceUID))
+    assert len(study) == len(files) == node.scp.counters.stored
+    # And no new association is accepted
+    echo = subprocess.run(
+        [echoscu, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        env=peer_environment(),
+        timeout=30,
+    )
+    assert echo.returncode != 0
