@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,25 @@ PACS_AE = "PACS"
 NODE_AE = "DICOMNODE"
 
 
+def _search_path() -> str:
+    """PATH without the virtual environment's folders, plus sbin (where Orthanc lives).
+
+    pynetdicom installs its own ``storescu``, ``storescp``, ``echoscu`` ... scripts into the
+    venv; with the venv activated they would shadow dcmtk's and the interoperability tests
+    would talk to pynetdicom instead of a real peer.
+    """
+    prefixes = {Path(p).resolve() for p in (sys.prefix, sys.exec_prefix)}
+    folders = [
+        f
+        for f in os.environ.get("PATH", "").split(os.pathsep)
+        if f and not any(Path(f).resolve().is_relative_to(p) for p in prefixes)
+    ]
+    return os.pathsep.join([*folders, "/usr/sbin", "/usr/local/sbin"])
+
+
 def require_tool(name: str) -> str:
     """Full path of the peer tool ``name``; skip without it, or fail when ``CI`` is set."""
-    path = shutil.which(name)
-    if path is None:
-        for folder in ("/usr/sbin", "/usr/local/sbin"):  # Orthanc lives in sbin
-            candidate = Path(folder) / name
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                path = str(candidate)
-                break
+    path = shutil.which(name, path=_search_path())
     if path is None:
         message = f"{name} is not installed (apt-get install {TOOL_PACKAGES.get(name, name)})"
         if os.environ.get("CI"):
