@@ -29,6 +29,18 @@ class AllowedCaller:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 B.1): server certificate, optional client verification."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "DICOMNODE"
     bind_address: str = "127.0.0.1"
@@ -42,6 +54,13 @@ class NodeSettings:
     log_level: str = "INFO"
     require_called_ae: bool = True
     allowed_callers: tuple[AllowedCaller, ...] = ()
+    audit_log: Path | None = None
+    retention_days: float = 0.0
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log if self.audit_log is not None else self.data_dir / "audit.jsonl"
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,7 @@ class Remote:
     host: str
     port: int
     timeout_s: float = 30.0
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +261,7 @@ def _node(t: _Table, base: Path) -> NodeSettings:
     level = t.get("log_level", str, d.log_level).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"'{t.key('log_level')}' must be DEBUG, INFO, WARNING or ERROR")
+    audit = t.get("audit_log", str, None)
     max_pdu = t.positive("max_pdu", int, d.max_pdu, allow_zero=True)
     if max_pdu and max_pdu < 4096:
         raise ConfigError(f"'{t.key('max_pdu')}' must be 0 (unlimited) or >= 4096")
@@ -257,9 +278,41 @@ def _node(t: _Table, base: Path) -> NodeSettings:
         log_level=level,
         require_called_ae=t.get("require_called_ae", bool, d.require_called_ae),
         allowed_callers=tuple(callers),
+        audit_log=None if audit is None else _path(audit, base),
+        retention_days=t.positive("retention_days", float, 0.0, allow_zero=True),
+        tls=_tls(t.table("tls"), base),
     )
     t.done()
     return node
+
+
+def _tls(t: _Table, base: Path) -> TlsSettings:
+    def path(name: str) -> Path | None:
+        value = t.get(name, str, None)
+        if value is None:
+            return None
+        p = _path(value, base)
+        if not p.is_file():
+            raise ConfigError(f"'{t.key(name)}': {p} does not exist")
+        return p
+
+    version = t.get("min_version", str, "1.2")
+    if version not in ("1.2", "1.3"):
+        raise ConfigError(f'\'{t.key("min_version")}\' must be "1.2" or "1.3"')
+    tls = TlsSettings(
+        enabled=t.get("enabled", bool, False),
+        certificate=path("certificate"),
+        private_key=path("private_key"),
+        ca_certificates=path("ca_certificates"),
+        require_client_certificate=t.get("require_client_certificate", bool, False),
+        min_version=version,
+    )
+    t.done()
+    if tls.enabled and (tls.certificate is None or tls.private_key is None):
+        raise ConfigError(f"'{t.key('enabled')}' needs certificate and private_key")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise ConfigError(f"'{t.key('require_client_certificate')}' needs ca_certificates")
+    return tls
 
 
 def _completeness(t: _Table) -> CompletenessSettings:
@@ -294,6 +347,7 @@ def _remote(t: _Table) -> Remote:
         host=t.require("host", str),
         port=_port(t.require("port", int), t.key("port")),
         timeout_s=t.positive("timeout_s", float, 30.0),
+        tls=t.get("tls", bool, False),
     )
     t.done()
     return r
@@ -362,6 +416,11 @@ def _check_references(cfg: Config) -> None:
     if dupes:
         raise ConfigError(f"destination name {sorted(dupes)[0]!r} is defined twice")
     pipelines = {p.name for p in cfg.pipelines}
+    for i, remote in enumerate(cfg.remotes):
+        if remote.tls and cfg.node.tls.ca_certificates is None:
+            raise ConfigError(
+                f"'remotes[{i}].tls' needs [node.tls].ca_certificates to verify the peer"
+            )
     for i, route in enumerate(cfg.routes):
         if route.pipeline not in pipelines:
             raise ConfigError(f"'routes[{i}].pipeline' names unknown pipeline {route.pipeline!r}")

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import shutil
 import signal
+import time
 import threading
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from dicomnode.audit import AuditLog
 from dicomnode.config import Config
 from dicomnode.delivery.outbox import Deliverer
 from dicomnode.jobs.queue import Job, JobQueue
@@ -50,28 +53,31 @@ def worker_main(config: Config, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     index, queue = _open_queue(config)
     processor = Processor(config)
+    audit = AuditLog(config.node.audit_path)
 
     def process(job: Job) -> tuple[list[tuple[str, object]], str]:
         return processor.process_job(job, index)  # type: ignore[return-value]
 
-    work(queue, process, stop)  # type: ignore[arg-type]
+    work(queue, process, stop, audit=audit)  # type: ignore[arg-type]
 
 
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.index, self.queue = _open_queue(config)
+        self.audit = AuditLog(config.node.audit_path)
         self.spool = Spool(
             config.node.data_dir,
             self.index,
             min_free_bytes=config.node.min_free_disk_mb * 2**20,
             rerun_late=config.completeness.late_arrivals == "rerun",
         )
-        self.scp = StorageSCP(config.node, self.spool)
+        self.scp = StorageSCP(config.node, self.spool, audit=self.audit)
         self.scheduler = Scheduler(
-            self.index, self.queue, config.routes, config.completeness.quiet_period_s
+            self.index, self.queue, config.routes, config.completeness.quiet_period_s, self.audit
         )
-        self.deliverer = Deliverer(config, self.queue)
+        self.deliverer = Deliverer(config, self.queue, audit=self.audit)
+        self._last_purge = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: list[BaseProcess] = []
@@ -99,7 +105,10 @@ class Node:
             worker_queue = JobQueue(worker_index, self.config.jobs, self.config.delivery)
             self._spawn_thread(
                 lambda: work(
-                    worker_queue, lambda j: processor.process_job(j, worker_index), self._stop
+                    worker_queue,
+                    lambda j: processor.process_job(j, worker_index),
+                    self._stop,
+                    audit=self.audit,
                 ),
                 "worker",
             )
@@ -125,9 +134,32 @@ class Node:
             try:
                 self.scheduler.tick()
                 self.deliverer.run_once()
+                self.purge_expired()
             except Exception:
                 log.exception("housekeeping failed; retrying")
             self._stop.wait(interval)
+
+    def purge_expired(self, now: float | None = None) -> list[str]:
+        """Retention: delete spooled studies older than ``retention_days`` once delivered."""
+        days = self.config.node.retention_days
+        now = time.time() if now is None else now
+        if days <= 0 or (now - self._last_purge < 60.0 and now >= self._last_purge):
+            return []
+        self._last_purge = now
+        purged = []
+        for study, job_ids in self.queue.purgeable_studies(now - days * 86400.0):
+            files = self.spool.purge_study(study)
+            for job_id in job_ids:
+                shutil.rmtree(
+                    self.config.node.data_dir / "results" / f"job-{job_id}", ignore_errors=True
+                )
+            self.audit.record(
+                "purge", study_instance_uid=study, files=files, jobs=job_ids, retention_days=days
+            )
+            purged.append(study)
+        if purged:
+            log.info("retention: purged %d delivered stud(ies)", len(purged))
+        return purged
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations, in-flight stores and jobs finish."""

@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# dpkg, not `command -v`: pynetdicom installs its own storescu/storescp into the venv.
 need_apt=()
-command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
-command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
-command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+for pkg in dcmtk dicom3tools orthanc; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"

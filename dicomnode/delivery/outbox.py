@@ -17,11 +17,13 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from dicomnode.audit import AuditLog
 from dicomnode.config import Config
-from dicomnode.errors import DeliveryError
+from dicomnode.errors import ConfigError, DeliveryError
 from dicomnode.jobs.queue import JobQueue, OutboxItem
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, send_files
+from dicomnode.net.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,10 @@ def copy_atomically(src: Path, folder: Path) -> Path:
 
 
 class Deliverer:
-    def __init__(self, config: Config, queue: JobQueue, max_parallel: int = 4) -> None:
+    def __init__(
+        self, config: Config, queue: JobQueue, max_parallel: int = 4, audit: AuditLog | None = None
+    ) -> None:
+        self.audit = audit or AuditLog(None)
         self.config = config
         self.queue = queue
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="delivery")
@@ -79,6 +84,13 @@ class Deliverer:
                 try:
                     copy_atomically(item.path, folder.path / f"job-{item.job_id}")
                     self.queue.delivered(item.id, status.SUCCESS)
+                    self.audit.record(
+                        "delivery",
+                        outcome="sent",
+                        destination=destination,
+                        job_id=item.job_id,
+                        file=item.path.name,
+                    )
                 except OSError as exc:
                     self.queue.delivery_failed(item.id, f"copy failed: {exc}", transient=True)
             log.info("delivered %d file(s) to folder %s", len(items), destination)
@@ -90,11 +102,25 @@ class Deliverer:
                     item.id, f"destination {destination!r} is not configured", transient=False
                 )
             return
-        peer = Peer(remote.ae_title, remote.host, remote.port, remote.timeout_s)
+        try:
+            context = client_context(self.config.node.tls) if remote.tls else None
+        except ConfigError as exc:
+            for item in items:
+                self.queue.delivery_failed(item.id, str(exc), transient=False)
+            return
+        peer = Peer(remote.ae_title, remote.host, remote.port, remote.timeout_s, context)
         try:
             results = send_files(peer, [i.path for i in items], self.config.node.ae_title)
         except DeliveryError as exc:
             log.warning("delivery to %s failed: %s", destination, exc)
+            self.audit.record(
+                "delivery",
+                outcome="failed",
+                destination=destination,
+                transient=exc.transient,
+                reason=str(exc)[:300],
+                files=len(items),
+            )
             for item in items:
                 self.queue.delivery_failed(item.id, str(exc), transient=exc.transient)
             return
@@ -104,6 +130,15 @@ class Deliverer:
             return
         sent = 0
         for item, result in zip(items, results, strict=True):
+            self.audit.record(
+                "delivery",
+                outcome="sent" if result.ok else "refused",
+                destination=destination,
+                job_id=item.job_id,
+                file=item.path.name,
+                status=result.status,
+                reason=result.error,
+            )
             if result.ok:
                 assert result.status is not None
                 self.queue.delivered(item.id, result.status)

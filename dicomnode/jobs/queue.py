@@ -273,6 +273,32 @@ class JobQueue:
             ).rowcount
         return jobs, items
 
+    def purgeable_studies(self, completed_before: float) -> list[tuple[str, list[int]]]:
+        """Studies complete before the cutoff whose every job is done (results delivered).
+
+        Returns (study UID, job ids).  Studies with a job still open or failed are kept."""
+        rows = (
+            self.index.connect()
+            .execute(
+                """SELECT s.study_instance_uid FROM studies s
+               WHERE s.state IN ('complete', 'ignored') AND s.completed_at < ?
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_instance_uid =
+                               s.study_instance_uid AND j.state != 'done')""",
+                (completed_before,),
+            )
+            .fetchall()
+        )
+        out = []
+        for (study,) in rows:
+            ids = [
+                r[0]
+                for r in self.index.connect().execute(
+                    "SELECT id FROM jobs WHERE study_instance_uid = ?", (study,)
+                )
+            ]
+            out.append((study, ids))
+        return out
+
     def counts(self) -> dict[str, int]:
         rows = self.index.connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {r[0]: r[1] for r in rows}

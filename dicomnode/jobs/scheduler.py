@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from dicomnode.audit import AuditLog
 from dicomnode.jobs.queue import JobQueue
 from dicomnode.routing.select import RouteLike, explain, match_routes, series_infos
 from dicomnode.spool.index import Index
@@ -23,8 +24,14 @@ log = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(
-        self, index: Index, queue: JobQueue, routes: Sequence[RouteLike], quiet_period_s: float
+        self,
+        index: Index,
+        queue: JobQueue,
+        routes: Sequence[RouteLike],
+        quiet_period_s: float,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.audit = audit or AuditLog(None)
         self.index = index
         self.queue = queue
         self.routes = routes
@@ -82,6 +89,14 @@ class Scheduler:
                 "WHERE study_instance_uid = ?",
                 (state, time.time(), note[:2000], study_uid),
             )
+        self.audit.record(
+            "study",
+            outcome=state,
+            study_instance_uid=study_uid,
+            instances=len(instances),
+            jobs=created,
+            note=note[:300],
+        )
         if matches:
             log.info("study complete (%d instances): jobs %s", len(instances), created)
         else:

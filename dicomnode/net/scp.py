@@ -21,9 +21,11 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.net import status
+from dicomnode.net.tls import server_context
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,11 @@ class StorageSCP:
         settings: NodeSettings,
         spool: Spool,
         on_stored: Callable[[str], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
+        self.audit = audit or AuditLog(None)
         self.on_stored = on_stored
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
@@ -93,11 +97,16 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_CONN_OPEN, self._log_open),
             (evt.EVT_REJECTED, self._log_rejected),
+            (evt.EVT_ACCEPTED, self._log_association),
+            (evt.EVT_RELEASED, self._log_association),
+            (evt.EVT_ABORTED, self._log_association),
         ]
+        tls = self.settings.tls
         server = self.ae.make_server(
             (self.settings.bind_address, self.settings.port),
             evt_handlers=handlers,
             server_class=NoDelayServer,
+            ssl_context=server_context(tls) if tls.enabled else None,
         )
         self.ae._servers.append(server)  # so that server.shutdown() finds it
         stamp = datetime.now().strftime("%H%M%S")
@@ -141,6 +150,14 @@ class StorageSCP:
         ae_title, host = str(requestor.ae_title).strip(), str(requestor.address)
         if not self._caller_allowed(ae_title, host):
             log.warning("C-STORE refused: %s at %s is not an allowed caller", ae_title, host)
+            self.audit.record(
+                "instance",
+                outcome="refused",
+                status=status.REFUSED_NOT_AUTHORIZED,
+                calling_ae=ae_title,
+                host=host,
+                reason="caller not allowed",
+            )
             return status.REFUSED_NOT_AUTHORIZED
         try:
             encoded = event.encoded_dataset(include_meta=True)
@@ -154,6 +171,15 @@ class StorageSCP:
                 log.warning("C-STORE rejected: dataset SOP class differs from the request")
                 with self._lock:
                     self.counters.failed += 1
+                self.audit.record(
+                    "instance",
+                    outcome="refused",
+                    calling_ae=ae_title,
+                    host=host,
+                    status=status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    sop_instance_uid=header.sop_instance_uid,
+                    reason="SOP class differs from the request",
+                )
                 return status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS
             outcome = self.spool.store(
                 encoded, calling_ae=ae_title, calling_host=host, header=header
@@ -163,6 +189,14 @@ class StorageSCP:
             log.warning("C-STORE from %s failed with 0x%04X: %s", ae_title, code, exc)
             with self._lock:
                 self.counters.failed += 1
+            self.audit.record(
+                "instance",
+                outcome="refused",
+                status=code,
+                calling_ae=ae_title,
+                host=host,
+                reason=str(exc)[:300],
+            )
             return code
         with self._lock:
             if outcome is StoreOutcome.DUPLICATE:
@@ -171,6 +205,16 @@ class StorageSCP:
                 self.counters.stored += 1
                 if outcome is StoreOutcome.NEW_VERSION:
                     self.counters.new_versions += 1
+        self.audit.record(
+            "instance",
+            outcome=outcome.value,
+            status=status.SUCCESS,
+            calling_ae=ae_title,
+            host=host,
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+        )
         if self.on_stored is not None:
             self.on_stored(header.study_instance_uid)
         return status.SUCCESS
@@ -185,6 +229,28 @@ class StorageSCP:
             "association from %s at %s rejected",
             str(requestor.ae_title).strip(),
             requestor.address,
+        )
+        self.audit.record(
+            "association",
+            outcome="rejected",
+            calling_ae=str(requestor.ae_title).strip(),
+            host=requestor.address,
+            called_ae=str(event.assoc.acceptor.ae_title).strip(),
+        )
+
+    def _log_association(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        outcome = {
+            "EVT_ACCEPTED": "accepted",
+            "EVT_RELEASED": "released",
+            "EVT_ABORTED": "aborted",
+        }.get(event.event.name, event.event.name)
+        self.audit.record(
+            "association",
+            outcome=outcome,
+            calling_ae=str(requestor.ae_title).strip(),
+            host=requestor.address,
+            tls=self.settings.tls.enabled,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class Peer:
     host: str
     port: int
     timeout_s: float = 30.0
+    tls: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> A
     ae.connection_timeout = min(10.0, peer.timeout_s)
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if assoc.is_established:
         sock = getattr(assoc.dul.socket, "socket", None)
         if sock is not None:

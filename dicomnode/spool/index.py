@@ -138,6 +138,13 @@ class Index:
         )
         return [_instance(r) for r in rows]
 
+    def instance_paths(self, study_uid: str) -> list[Path]:
+        """Every stored file (all versions) of a study."""
+        rows = self.connect().execute(
+            "SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,)
+        )
+        return [Path(r[0]) for r in rows]
+
     def instance_versions(self, sop_instance_uid: str) -> list[InstanceRecord]:
         rows = (
             self.connect()

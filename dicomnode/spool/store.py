@@ -295,6 +295,20 @@ class Spool:
                 (now, study_uid),
             )
 
+    def purge_study(self, study_uid: str) -> int:
+        """Delete a study's spooled files and index rows (retention); returns files removed."""
+        records = self.index.instance_paths(study_uid)
+        removed = 0
+        for path in records:
+            if path.exists():
+                path.unlink()
+                removed += 1
+        shutil.rmtree(self.root / study_uid, ignore_errors=True)
+        with self.index.transaction() as conn:
+            conn.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
+            conn.execute("DELETE FROM studies WHERE study_instance_uid = ?", (study_uid,))
+        return removed
+
     def cleanup_tmp(self) -> int:
         """Remove partial files left by a crash (they were never acknowledged)."""
         count = 0
