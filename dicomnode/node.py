@@ -14,8 +14,8 @@ import logging
 import multiprocessing as mp
 import shutil
 import signal
-import time
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
