@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_models import max_classifier, threshold_segmenter
 
 from dicomnode.config import (
     CompletenessSettings,
@@ -32,6 +31,7 @@ from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, wr
 from dicomnode.net.scp import FolderSCP
 from dicomnode.node import Node
 from dicomnode.routing.rules import parse_rule
+from fixtures_models import max_classifier, threshold_segmenter
 
 #: Debian package of each peer tool, for the message of a missing one.
 TOOL_PACKAGES = {

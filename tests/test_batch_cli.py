@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_models import max_classifier, threshold_segmenter
 from pydicom import dcmread
 
 from dicomnode.batch import RESULT_FILE, run_batch
@@ -14,6 +13,7 @@ from dicomnode.cli import main
 from dicomnode.config import Config, PipelineSettings, Route
 from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.routing.rules import parse_rule
+from fixtures_models import max_classifier, threshold_segmenter
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_models import max_classifier, threshold_segmenter
 
 from dicomnode.config import load_config
 from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
@@ -19,6 +18,7 @@ from dicomnode.jobs.queue import JobQueue
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.spool.index import Index
+from fixtures_models import max_classifier, threshold_segmenter
 
 
 def free_port() -> int:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_models import max_classifier, threshold_segmenter
 
 from dicomnode.errors import ModelError
 from dicomnode.inference.card import Preprocessing, load_bundle
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.inference.runner import BundleRunner, choose_providers
+from fixtures_models import max_classifier, threshold_segmenter
 
 
 def edit_card(bundle: Path, **changes: object) -> None:
