@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.acse import ACSE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -29,6 +30,29 @@ from dicomnode.net.tls import server_context
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
+
+
+class CallerCheckingACSE(ACSE):
+    """ACSE that also rejects callers whose (AE title, host) pair is not allowed.
+
+    pynetdicom checks calling AE titles itself but knows nothing of hosts; this check runs
+    before its negotiation and answers A-ASSOCIATE-RJ (rejected-permanent, service user,
+    calling AE title not recognised)."""
+
+    def __init__(self, assoc: Any, allowed: Callable[[str, str], bool]) -> None:
+        super().__init__(assoc)
+        self._allowed = allowed
+
+    def _negotiate_as_acceptor(self) -> None:
+        primitive: Any = self.requestor.primitive
+        title = str(primitive.calling_ae_title).strip()
+        if not self._allowed(title, str(self.assoc.requestor.address)):
+            self.requestor.ae_title = primitive.calling_ae_title
+            self.send_reject(0x01, 0x01, 0x03)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
 
 
 class NoDelayServer(ThreadedAssociationServer):
@@ -220,6 +244,9 @@ class StorageSCP:
         return status.SUCCESS
 
     def _log_open(self, event: Event) -> None:
+        """Runs before the association starts: install the host check, log the connection."""
+        if any(c.hosts for c in self.settings.allowed_callers):
+            event.assoc.acse = CallerCheckingACSE(event.assoc, self._caller_allowed)
         address: Any = getattr(event, "address", ("?", "?"))
         log.debug("connection from %s:%s", address[0], address[1])
 
