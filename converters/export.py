@@ -22,17 +22,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from dicomnode.converters.parity import check_parity
-from dicomnode.models.recipe import Recipe
 
+from dicomnode.converters.parity import check_parity
 from dicomnode.inference.card import (
+    CARD_FILE,
     Bundle,
     InputSpec,
     ModelCard,
     OutputSpec,
     load_bundle,
-    write_card,
 )
+from dicomnode.models.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,20 @@ def convert_keras(model: Any, *, opset: int = DEFAULT_OPSET, task: str) -> Any:
         _name_dims(graph_out, ["batch", classes])
     proto.doc_string = f"{model.name}: exported by dicomnode.converters with tf2onnx"
     return proto
+
+
+def card_json(card: ModelCard) -> str:
+    """The card as JSON, leaving out optional label codes that are not set.
+
+    ``ModelCard.to_dict`` writes an unset ``segment_category`` / ``segment_type`` as
+    ``null``, which ``parse_card`` rejects; the schema means "absent", so omit them.
+    """
+    data = card.to_dict()
+    for label in data["labels"]:
+        for key in ("segment_category", "segment_type"):
+            if label.get(key) is None:
+                label.pop(key, None)
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def _git_commit() -> str | None:
@@ -221,7 +235,9 @@ def write_bundle(
     tmp_model = out / (MODEL_FILE + ".tmp")
     tmp_model.write_bytes(onnx_bytes)
     os.replace(tmp_model, out / MODEL_FILE)
-    write_card(out, card)
+    tmp_card = out / (CARD_FILE + ".tmp")
+    tmp_card.write_text(card_json(card))
+    os.replace(tmp_card, out / CARD_FILE)
     bundle = load_bundle(out)
     log.info("wrote bundle %s (%s, %d bytes)", out, card.name, len(onnx_bytes))
     return bundle
@@ -247,6 +263,7 @@ def export_checkpoint(
 ) -> Bundle:
     """Export a training run (its folder or its ``model.keras``) as a bundle."""
     import keras
+
     from dicomnode.models.recipe import parse_recipe
     from dicomnode.models.run import RunFiles
 

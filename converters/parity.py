@@ -79,7 +79,7 @@ def measure_parity(
     for batch in inputs:
         x = np.asarray(batch, dtype=np.float32)
         shapes.append([int(s) for s in x.shape])
-        expected = np.asarray(keras_model(x, training=False), dtype=np.float32)
+        expected = np.asarray(keras_model(x, training=False).numpy(), dtype=np.float32)
         if expected.ndim == 4:
             expected = to_layout(expected, output_layout)
         (actual,) = session.run(None, {input_name: to_layout(x, input_layout)})

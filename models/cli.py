@@ -74,10 +74,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                         help="classification: slices with less (non-zero) lesion are ambiguous")
     args = parser.parse_args(argv)
     _logging()
+    from dicomnode.inference.card import CARD_FILE, load_bundle
     from dicomnode.models.data import load_cases
     from dicomnode.models.evaluate import EvalSpec, OnnxPredictor, evaluate
-
-    from dicomnode.inference.card import CARD_FILE, load_bundle
 
     if (args.model / CARD_FILE).is_file():
         bundle = load_bundle(args.model)
@@ -95,6 +94,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     else:
         require_training_extra()
         import keras
+
         from dicomnode.models.recipe import parse_recipe
         from dicomnode.models.run import RunFiles
         from dicomnode.models.train import eval_spec

@@ -250,7 +250,9 @@ class PatchSampler:
 
     Segmentation targets are the label patch (size, size, labels); classification targets
     are one 0/1 per label: positive when the patch holds at least ``min_area_mm2`` of it.
-    Patches with a smaller, non-zero area are ambiguous and drawn again.
+    Patches with a smaller, non-zero area are ambiguous and drawn again.  ``patch_size`` 0
+    means whole slices, exactly as :func:`prepare_slices` gives them, padded (bottom and
+    right, with ``fill``) to the largest slice of the set.
     """
 
     def __init__(
@@ -266,6 +268,7 @@ class PatchSampler:
     ) -> None:
         self.cases = list(cases)
         self.task = task
+        self.whole_slices = not patch_size
         self.size = patch_size or max(max(c.image.shape[1:3]) for c in self.cases)
         self.context = context
         self.positive_fraction = positive_fraction
@@ -291,6 +294,11 @@ class PatchSampler:
                 k, r, c = self.positives[ci][rng.integers(len(self.positives[ci]))]
                 jitter = rng.integers(-self.size // 4, self.size // 4 + 1, size=2)
                 top, left = r - self.size // 2 + jitter[0], c - self.size // 2 + jitter[1]
+                if self.whole_slices:
+                    top = left = 0
+            elif self.whole_slices:
+                ci = int(rng.integers(len(self.cases)))
+                k, top, left = int(rng.integers(self.cases[ci].image.shape[0])), 0, 0
             else:
                 ci = int(rng.integers(len(self.cases)))
                 n, h, w = self.cases[ci].image.shape

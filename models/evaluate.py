@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from dicomnode.models import metrics as m
-from dicomnode.models.data import Case, context_stack
 
 from dicomnode.inference.card import Label, Preprocessing
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
+from dicomnode.models import metrics as m
+from dicomnode.models.data import Case, context_stack
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class KerasPredictor:
         self.model = model
 
     def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(self.model(x, training=False), dtype=np.float32)
+        return np.asarray(self.model(x, training=False).numpy(), dtype=np.float32)
 
 
 class OnnxPredictor:

@@ -20,6 +20,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
+
 from dicomnode.models.architectures import build_model
 from dicomnode.models.data import (
     Case,
@@ -34,7 +36,6 @@ from dicomnode.models.data import (
 from dicomnode.models.evaluate import EvalSpec, KerasPredictor, evaluate
 from dicomnode.models.recipe import Recipe
 from dicomnode.models.run import RunFiles
-from keras import ops
 
 log = logging.getLogger(__name__)
 
