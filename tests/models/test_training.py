@@ -29,7 +29,11 @@ from dicomnode.models.data import (
 )
 from dicomnode.models.run import RunFiles
 
-pytestmark = pytest.mark.train
+pytestmark = [
+    pytest.mark.train,
+    # Keras' own weight saving trips numpy 2's copy-keyword deprecation; not ours to fix.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")
