@@ -56,7 +56,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING" if not args.verbose else "INFO")
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dicomnode-demo-"))
-    ok = run_demo(work, sys.stdout, slices=args.slices, size=args.size, seed=args.seed)
+    ok = run_demo(
+        work,
+        sys.stdout,
+        slices=args.slices,
+        size=args.size,
+        seed=args.seed,
+        log_level="INFO" if args.verbose else "WARNING",
+    )
     print("demo " + ("succeeded" if ok else "FAILED") + f"; everything is in {work}")
     return 0 if ok else 1
 

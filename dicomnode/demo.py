@@ -109,9 +109,11 @@ def write_preview(
     return k
 
 
-def demo_config(work: Path, pacs_port: int) -> Config:
+def demo_config(work: Path, pacs_port: int, log_level: str = "WARNING") -> Config:
     base = load_config(default_config_path())
-    node = dataclasses.replace(base.node, port=0, data_dir=work / "node", min_free_disk_mb=50)
+    node = dataclasses.replace(
+        base.node, port=0, data_dir=work / "node", min_free_disk_mb=50, log_level=log_level
+    )
     completeness = dataclasses.replace(base.completeness, quiet_period_s=2.0, poll_interval_s=0.2)
     remotes = (Remote("demo-pacs", PACS_AE, "127.0.0.1", pacs_port, 30.0),)
     return dataclasses.replace(base, node=node, completeness=completeness, remotes=remotes)
@@ -148,12 +150,20 @@ def _match(phantom: Phantom, findings: list[SrFinding], summary: list[dict[str, 
     return rows
 
 
-def run_demo(work: Path, out: TextIO, *, slices: int = 64, size: int = 256, seed: int = 7) -> bool:
+def run_demo(
+    work: Path,
+    out: TextIO,
+    *,
+    slices: int = 64,
+    size: int = 256,
+    seed: int = 7,
+    log_level: str = "WARNING",
+) -> bool:
     """Run the demo in ``work``; returns True if SEG and SR came back and overlap the truth."""
     work.mkdir(parents=True, exist_ok=True)
     pacs = FolderSCP(PACS_AE, work / "pacs")
     pacs.start()
-    config = demo_config(work, pacs.port)
+    config = demo_config(work, pacs.port, log_level)
     node = Node(config)
     node.start()
     try:

@@ -44,6 +44,8 @@ def worker_main(config: Config, log_level: str) -> None:
         level=log_level,
         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
     )
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:

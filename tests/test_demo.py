@@ -1,0 +1,24 @@
+"""`dicomnode demo`: the README's first command, end to end on loopback."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from dicomnode.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_returns_results_that_match_the_ground_truth(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert run_demo(tmp_path, out, slices=32, size=256, seed=3)
+    text = out.getvalue()
+    dice = float(re.search(r"Dice of the SEG against the ground truth: ([0-9.]+)", text)[1])
+    assert dice > 0.9
+    assert "MISSED" not in text
+    assert "classification: lesion" in text
+    assert (tmp_path / "preview.png").stat().st_size > 1000
+    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 2
