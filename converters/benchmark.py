@@ -2,7 +2,8 @@
 
 Runs the exported bundle (ONNX Runtime, CPU provider) and its Keras checkpoint (a compiled
 ``tf.function``) over the same preprocessed slices of a synthetic CT, in the same batches,
-several times, and reports min/median/max seconds and the TF/ORT ratio.  Preprocessing is
+several times (alternating), and reports min/median/max seconds and of the TF/ORT ratio of
+adjacent runs (> 1: ONNX Runtime is faster).  Preprocessing is
 timed separately (it is the same numpy code for both).
 
     python -m dicomnode.converters.benchmark BUNDLE_DIR RUN_DIR [--slices 300 --matrix 512]
@@ -23,14 +24,21 @@ import numpy as np
 import numpy.typing as npt
 
 
-def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
-    fn()  # warm-up: graph tracing, session initialisation, memory arenas
-    out = []
+def _interleaved(fns: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
+    """Time each function ``repeats`` times, alternating, after one warm-up call each.
+
+    Alternating runs see the same background load (the machine may be shared), so the
+    ratio of adjacent runs is fairer than a ratio of two separate series.
+    """
+    for fn in fns:
+        fn()  # warm-up: graph tracing, session initialisation, memory arenas
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return times
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -44,7 +52,7 @@ def benchmark(
     slices: int = 300,
     matrix: int = 512,
     spacing_mm: float = 0.7,
-    batch: int = 16,
+    batch: int = 8,
     repeats: int = 5,
     threads: int = 0,
 ) -> dict[str, Any]:
@@ -97,9 +105,8 @@ def benchmark(
     y_tf = np.concatenate(run_tf())
     if card.output.layout == "NCHW":
         y_tf = np.transpose(y_tf, (0, 3, 1, 2))
-    ort_s = _times(run_ort, repeats)
-    tf_s = _times(run_tf, repeats)
-    ratios = [t / o for t, o in zip(sorted(tf_s), sorted(ort_s), strict=True)]
+    ort_s, tf_s = _interleaved([run_ort, run_tf], repeats)
+    ratios = [t / o for t, o in zip(tf_s, ort_s, strict=True)]
     return {
         "bundle": card.name,
         "input": {"slices": slices, "matrix": matrix, "spacing_mm": spacing_mm,
@@ -121,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the training run (or .keras) it was exported from")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--matrix", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all)")
     args = parser.parse_args(argv)

@@ -158,3 +158,19 @@ def test_augmentation_moves_image_and_label_together(make_recipe: Callable[..., 
         xa, ya = augment(tf.constant(x), tf.constant(y), tf.constant([3, s], tf.int64),
                          task="segmentation", data=recipe.data, fill=0.0)
         np.testing.assert_array_equal(ya.numpy(), (xa.numpy() >= 0.375).astype(np.float32))
+
+
+def test_same_seed_same_weights(tiny_data: Path, tmp_path: Path,
+                                make_recipe: Callable[..., Any]) -> None:
+    import keras
+
+    from dicomnode.models.train import train
+
+    recipe = make_recipe("lesion_seg")
+    weights = []
+    for name in ("a", "b"):
+        train(recipe, tiny_data, tmp_path / name)
+        model = keras.saving.load_model(RunFiles(tmp_path / name).last, compile=False)
+        weights.append(model.get_weights())
+    for u, v in zip(*weights, strict=True):
+        np.testing.assert_array_equal(u, v)
