@@ -37,24 +37,32 @@ def apply_intensity(hu: npt.ArrayLike, spec: Preprocessing) -> FloatArray:
     return out.astype(np.float32, copy=False)
 
 
+def _taps(n_in: int, n_out: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], FloatArray]:
+    """Source indices and weights of 1D linear interpolation with half-pixel centres."""
+    pos = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+
 def resize_bilinear(batch: npt.ArrayLike, shape: tuple[int, int]) -> FloatArray:
-    """Resize (N, H, W) to (N, *shape) with bilinear interpolation (half-pixel centres)."""
+    """Resize (N, H, W) to (N, *shape) with bilinear interpolation (half-pixel centres).
+
+    Separable: one two-tap pass along rows, one along columns, a few slices at a time so
+    the intermediates stay in cache."""
     src = np.asarray(batch, dtype=np.float32)
-    _, h, w = src.shape
+    n, h, w = src.shape
     oh, ow = shape
     if (oh, ow) == (h, w):
         return src.copy()
-    ys = np.clip((np.arange(oh, dtype=np.float32) + 0.5) * (h / oh) - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(ow, dtype=np.float32) + 0.5) * (w / ow) - 0.5, 0, w - 1)
-    y0 = np.floor(ys).astype(np.intp)
-    x0 = np.floor(xs).astype(np.intp)
-    y1 = np.minimum(y0 + 1, h - 1)
-    x1 = np.minimum(x0 + 1, w - 1)
-    wy = (ys - y0)[None, :, None]
-    wx = (xs - x0)[None, None, :]
-    top = src[:, y0][:, :, x0] * (1 - wx) + src[:, y0][:, :, x1] * wx
-    bottom = src[:, y1][:, :, x0] * (1 - wx) + src[:, y1][:, :, x1] * wx
-    out: FloatArray = (top * (1 - wy) + bottom * wy).astype(np.float32, copy=False)
+    y0, y1, wy = _taps(h, oh)
+    x0, x1, wx = _taps(w, ow)
+    wy_col = wy[:, None]
+    out = np.empty((n, oh, ow), dtype=np.float32)
+    for k in range(n):
+        s = src[k]
+        rows = s[y0] + (s[y1] - s[y0]) * wy_col  # (oh, w)
+        out[k] = rows[:, x0] + (rows[:, x1] - rows[:, x0]) * wx
     return out
 
 
@@ -105,8 +113,22 @@ def prepare_labels(
     return out
 
 
-def restore_slices(output: npt.ArrayLike, geometry: SliceGeometry) -> FloatArray:
-    """Crop padding and resample model output (N, h, w) back to the source (N, H, W)."""
+def restore_slices(
+    output: npt.ArrayLike, geometry: SliceGeometry, skip_below: float | None = None
+) -> FloatArray:
+    """Crop padding and resample model output (N, h, w) back to the source (N, H, W).
+
+    With ``skip_below``, slices whose values all stay below it come back as zeros without
+    being resampled: bilinear interpolation never exceeds its inputs, so a mask
+    thresholded at ``>= skip_below`` is exactly the same, and most slices of a study have
+    nothing to resample."""
     arr = np.asarray(output, dtype=np.float32)
     h, w = geometry.resampled_shape
-    return resize_bilinear(arr[:, :h, :w], geometry.source_shape)
+    cropped = arr[:, :h, :w]
+    if skip_below is None:
+        return resize_bilinear(cropped, geometry.source_shape)
+    out = np.zeros((arr.shape[0], *geometry.source_shape), dtype=np.float32)
+    keep = np.flatnonzero(cropped.reshape(len(cropped), -1).max(axis=1) >= skip_below)
+    if len(keep):
+        out[keep] = resize_bilinear(cropped[keep], geometry.source_shape)
+    return out

@@ -156,7 +156,8 @@ class BundleRunner:
     ) -> npt.NDArray[np.float32]:
         """Per-slice output for a (slices, rows, columns) HU volume.
 
-        Segmentation: probabilities (channels, slices, rows, columns) on the source grid.
+        Segmentation: probabilities (channels, slices, rows, columns) on the source grid;
+        values below the lowest label threshold may come back as 0.
         Classification: probabilities (slices, channels).
         """
         x, geometry = prepare_slices(hu, pixel_spacing, self.card.preprocessing)
@@ -172,5 +173,9 @@ class BundleRunner:
         out = np.concatenate(outputs, axis=0)
         if self.card.task == "classification":
             return out
-        channels = [restore_slices(out[:, c], geometry) for c in range(out.shape[1])]
+        # Only what can reach a label's threshold needs resampling (see restore_slices).
+        floor = min(label.threshold for label in self.card.labels)
+        channels = [
+            restore_slices(out[:, c], geometry, skip_below=floor) for c in range(out.shape[1])
+        ]
         return np.stack(channels, axis=0)

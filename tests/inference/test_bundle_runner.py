@@ -88,3 +88,16 @@ def test_preprocessing_resamples_pads_and_restores_geometry() -> None:
     back = restore_slices(x, geometry)
     assert back.shape == hu.shape
     assert np.abs(back - (hu + 1000) / 2000).mean() < 0.02
+
+
+def test_restore_skipping_empty_slices_gives_the_same_masks() -> None:
+    rng = np.random.default_rng(0)
+    low = (rng.random((6, 32, 32)) * 0.4).astype(np.float32)
+    low[2, 10:14, 10:14] = 0.9
+    spec = Preprocessing(window_min=-1000, window_max=1000, target_spacing_mm=None)
+    _, geometry = prepare_slices(np.zeros((6, 50, 50), dtype=np.float32), (1.0, 1.0), spec)
+    geometry = type(geometry)((70, 70), (32, 32), (32, 32))
+    full = restore_slices(low, geometry)
+    fast = restore_slices(low, geometry, skip_below=0.5)
+    assert np.array_equal(full >= 0.5, fast >= 0.5)
+    assert fast[0].max() == 0.0 and fast[2].max() > 0.5
