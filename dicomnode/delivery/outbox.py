@@ -47,7 +47,12 @@ class Deliverer:
         self.audit = audit or AuditLog(None)
         self.config = config
         self.queue = queue
-        self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="delivery")
+        # One thread per destination at least: a destination that hangs until its timeout
+        # holds a thread, and must not hold up the others (no starvation).
+        destinations = len(config.remotes) + len(config.folders)
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(max_parallel, destinations), thread_name_prefix="delivery"
+        )
         self._busy: dict[str, Future[None]] = {}
         self._lock = threading.Lock()
 

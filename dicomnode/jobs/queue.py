@@ -262,12 +262,35 @@ class JobQueue:
             return QUEUED
 
     def recover(self) -> tuple[int, int]:
-        """After a crash: running jobs go back to queued, sending outbox rows to pending."""
+        """After a crash: running jobs go back to queued, sending outbox rows to pending.
+
+        A job that was interrupted ``max_attempts`` times (it may be what kills the worker)
+        is dead-lettered instead of being run forever.  Studies still receiving get their
+        quiet period restarted: while the node was down their senders could not send, so
+        the time it was down must not complete them half received.
+        """
+        now = time.time()
         with self.index.transaction() as conn:
+            for row in conn.execute(
+                "SELECT id, attempts FROM jobs WHERE state = ? AND attempts >= ?",
+                (RUNNING, self.retry.max_attempts),
+            ).fetchall():
+                self._move(
+                    conn,
+                    row["id"],
+                    FAILED,
+                    last_error=f"interrupted {row['attempts']} times while running "
+                    "(the worker crashed or the node was killed); gave up",
+                )
             jobs = conn.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
-                (QUEUED, time.time(), RUNNING),
+                (QUEUED, now, RUNNING),
             ).rowcount
+            conn.execute(
+                "UPDATE studies SET last_received_at = ? "
+                "WHERE state = 'receiving' AND last_received_at < ?",
+                (now, now),
+            )
             items = conn.execute(
                 "UPDATE outbox SET state = 'pending' WHERE state = 'sending'"
             ).rowcount

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import struct
 import time
 import uuid
@@ -144,6 +145,7 @@ class Spool:
         self.index = index
         self.min_free_bytes = min_free_bytes
         self.rerun_late = rerun_late
+        self._uid_locks = [threading.Lock() for _ in range(64)]
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
@@ -166,13 +168,28 @@ class Spool:
         calling_host: str,
         header: InstanceHeader | None = None,
     ) -> StoreOutcome:
-        """Store one instance durably; raise a :class:`SpoolError` subclass on failure."""
+        """Store one instance durably; raise a :class:`SpoolError` subclass on failure.
+
+        Stores of one SOP Instance UID are serialised (a sender may retry on a second
+        association while the first is still being stored): both would pick the same
+        version and file name, and the loser must not remove the winner's file.
+        """
         header = header or read_header(encoded)
+        uid = header.sop_instance_uid
+        with self._uid_locks[zlib.crc32(uid.encode()) % len(self._uid_locks)]:
+            return self._store(encoded, calling_ae, calling_host, header)
+
+    def _store(
+        self, encoded: bytes, calling_ae: str, calling_host: str, header: InstanceHeader
+    ) -> StoreOutcome:
         digest = hashlib.sha256(encoded).hexdigest()
         versions = self.index.instance_versions(header.sop_instance_uid)
         if versions and any(v.sha256 == digest for v in versions):
             log.info("duplicate instance %s ignored (identical bytes)", header.sop_instance_uid)
-            self._touch_study(header, calling_ae, calling_host)
+            try:
+                self._touch_study(header, calling_ae, calling_host)
+            except sqlite3.Error as exc:  # stored already: still acknowledged
+                log.warning("duplicate %s: study not touched: %s", header.sop_instance_uid, exc)
             return StoreOutcome.DUPLICATE
         self.check_space(len(encoded))
         version = (versions[-1].version + 1) if versions else 1
@@ -196,13 +213,15 @@ class Spool:
         try:
             self._record(header, version, final, digest, len(encoded), calling_ae, calling_host)
         except sqlite3.IntegrityError:
-            # Another association stored the same UID at the same moment: keep ours too.
-            final.unlink(missing_ok=True)
-            return self.store(
-                encoded, calling_ae=calling_ae, calling_host=calling_host, header=header
-            )
+            # Another process indexed this version meanwhile: keep its file, store ours anew.
+            versions = self.index.instance_versions(header.sop_instance_uid)
+            if all(v.path != final for v in versions):
+                final.unlink(missing_ok=True)
+            return self._store(encoded, calling_ae, calling_host, header)
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise OutOfResourcesError(f"disk full while indexing {name}") from exc
             raise SpoolError(f"cannot index {header.sop_instance_uid}: {exc}") from exc
         if version > 1:
             log.warning(
