@@ -163,10 +163,19 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+DELEGATED = {
+    "train": "train a model from a recipe (needs the 'train' extra)",
+    "evaluate": "evaluate a bundle (ONNX Runtime) or a checkpoint (needs 'train')",
+    "export": "export a checkpoint to an ONNX bundle (needs the 'train' extra)",
+    "synth": "write a synthetic training set: CT phantoms + DICOM SEG labels",
+}
+
+
 def _delegate(name: str, argv: Sequence[str]) -> int:
     from dicomnode.models import cli as train_cli
 
-    return int(getattr(train_cli, f"{name}_main")(list(argv)) or 0)
+    entry = "synthetic_main" if name == "synth" else f"{name}_main"
+    return int(getattr(train_cli, entry)(list(argv)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,19 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_phantom)
 
-    for name, text in (
-        ("train", "train a model from a recipe"),
-        ("evaluate", "evaluate a model or bundle"),
-        ("export", "export a checkpoint to an ONNX bundle"),
-    ):
-        s = sub.add_parser(name, help=text + " (needs the 'train' extra)", add_help=False)
+    for name, text in DELEGATED.items():
+        s = sub.add_parser(name, help=text, add_help=False)
         s.set_defaults(delegate=name)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "evaluate", "export"):
+    if argv and argv[0] in DELEGATED:
         _setup_logging("INFO")
         try:
             return _delegate(argv[0], argv[1:])

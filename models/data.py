@@ -29,15 +29,27 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.errors import ImagingError
 from dicomnode.imaging.series import load_volume
 from dicomnode.inference.card import Label, Preprocessing
-from dicomnode.inference.preprocess import apply_intensity, prepare_labels, prepare_slices
+from dicomnode.inference.preprocess import (
+    apply_intensity,
+    prepare_labels,
+    prepare_slices,
+    stack_context,
+)
 
 log = logging.getLogger(__name__)
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "ContentDate",
-    "ContentTime", "ReferencedSeriesSequence", "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence", "SourceImageSequence",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ContentDate",
+    "ContentTime",
+    "ReferencedSeriesSequence",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "SourceImageSequence",
 ]
 
 
@@ -125,8 +137,9 @@ def scan_folder(root: str | Path) -> list[CaseRef]:
         if not series:
             series = {sop_to_series[u] for u in _referenced_sops(ds) if u in sop_to_series}
         if len(series) != 1:
-            log.warning("%s: cannot pair SEG with one image series (found %d); skipped",
-                        path, len(series))
+            log.warning(
+                "%s: cannot pair SEG with one image series (found %d); skipped", path, len(series)
+            )
             continue
         uid = series.pop()
         stamp = f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}"
@@ -206,8 +219,10 @@ def prepare_case(case: Case, spec: Preprocessing) -> PreparedCase:
     """Apply the bundle preprocessing (the runtime's own functions) to image and labels."""
     image, _ = prepare_slices(case.hu, case.pixel_spacing, spec)
     label = np.stack(
-        [prepare_labels(case.mask[..., c], case.pixel_spacing, spec)
-         for c in range(case.mask.shape[-1])],
+        [
+            prepare_labels(case.mask[..., c], case.pixel_spacing, spec)
+            for c in range(case.mask.shape[-1])
+        ],
         axis=-1,
     )
     target = spec.target_spacing_mm or case.pixel_spacing[0]
@@ -216,10 +231,7 @@ def prepare_case(case: Case, spec: Preprocessing) -> PreparedCase:
 
 def context_stack(image: npt.NDArray[np.float32], context: int) -> npt.NDArray[np.float32]:
     """(N, h, w) -> (N, h, w, context): each slice with its neighbours, edges repeated."""
-    half = context // 2
-    n = image.shape[0]
-    idx = np.clip(np.arange(n)[:, None] + np.arange(-half, half + 1)[None, :], 0, n - 1)
-    return np.ascontiguousarray(np.moveaxis(image[idx], 1, -1))
+    return np.ascontiguousarray(np.moveaxis(stack_context(image, context), 1, -1))
 
 
 def fill_value(spec: Preprocessing) -> float:
@@ -341,15 +353,20 @@ def augment(x: Any, y: Any, seed: Any, *, task: str, data: Any, fill: float) -> 
         size = tf.cast(tf.shape(both)[0:2], tf.float32)
         cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
         cos, sin = tf.cos(angle), tf.sin(angle)
-        transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
-                              sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+        transform = tf.stack(
+            [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+        )
         # Shift so the constant fill of the image channels is ``fill`` and labels get 0.
-        shift = tf.concat([tf.fill([channels], fill), tf.zeros([tf.shape(both)[-1] - channels])],
-                          axis=0)
+        shift = tf.concat(
+            [tf.fill([channels], fill), tf.zeros([tf.shape(both)[-1] - channels])], axis=0
+        )
         rotated = tf.raw_ops.ImageProjectiveTransformV3(
-            images=(both - shift)[None], transforms=transform[None],
-            output_shape=tf.shape(both)[0:2], fill_value=0.0,
-            interpolation="BILINEAR", fill_mode="CONSTANT",
+            images=(both - shift)[None],
+            transforms=transform[None],
+            output_shape=tf.shape(both)[0:2],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
         )[0]
         both = rotated + shift
     if seg:
@@ -382,8 +399,14 @@ def training_dataset(sampler: PatchSampler, recipe: Any, seed: int) -> Any:
     fill = sampler.fill
 
     def _aug(i: Any, xy: Any) -> Any:
-        return augment(xy[0], xy[1], tf.stack([tf.constant(seed, tf.int64), i]),
-                       task=recipe.task, data=recipe.data, fill=fill)
+        return augment(
+            xy[0],
+            xy[1],
+            tf.stack([tf.constant(seed, tf.int64), i]),
+            task=recipe.task,
+            data=recipe.data,
+            fill=fill,
+        )
 
     ds = ds.enumerate().map(_aug, num_parallel_calls=1, deterministic=True)
     return ds.batch(recipe.data.batch_size, drop_remainder=True).prefetch(2)

@@ -20,8 +20,8 @@ from dicomnode.inference.card import (
     Code,
     Label,
     Preprocessing,
-    _code,
-    _preprocessing,
+    parse_code,
+    parse_preprocessing,
 )
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -135,14 +135,16 @@ def _labels(raw: Any, task: str) -> tuple[Label, ...]:
         if unknown:
             raise ConfigError(f"recipe: unknown key(s) in {where}: {', '.join(unknown)}")
         try:
-            finding = _code(d.get("finding"), f"{where}.finding")
+            finding = parse_code(d.get("finding"), f"{where}.finding")
             category: Code | None = (
-                _code(d["segment_category"], f"{where}.segment_category")
+                parse_code(d["segment_category"], f"{where}.segment_category")
                 if "segment_category" in d
                 else None
             )
             seg_type: Code | None = (
-                _code(d["segment_type"], f"{where}.segment_type") if "segment_type" in d else None
+                parse_code(d["segment_type"], f"{where}.segment_type")
+                if "segment_type" in d
+                else None
             )
         except ModelError as exc:
             raise ConfigError(f"recipe: {exc}") from None
@@ -194,7 +196,7 @@ def parse_recipe(data: dict[str, Any], source: str = "") -> Recipe:
     if not isinstance(context, int) or context < 1 or context % 2 == 0:
         raise ConfigError("recipe: [preprocessing] context_slices must be an odd integer >= 1")
     try:
-        preprocessing = _preprocessing(pre)
+        preprocessing = parse_preprocessing(pre)
     except ModelError as exc:
         raise ConfigError(f"recipe: {exc}".replace("card field", "key")) from None
 

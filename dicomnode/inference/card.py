@@ -92,7 +92,13 @@ class ModelCard:
     schema: str = CARD_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able form; absent optional codes are left out (not written as null)."""
+        data = asdict(self)
+        for label in data["labels"]:
+            for key in ("segment_category", "segment_type"):
+                if label[key] is None:
+                    del label[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def _no_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
         raise ModelError(f"unknown card field(s) {', '.join(where + u for u in unknown)}")
 
 
-def _code(d: Any, where: str) -> Code:
+def parse_code(d: Any, where: str) -> Code:
     if not isinstance(d, dict):
         raise ModelError(f"card field '{where}' must be a table with value, scheme, meaning")
     _no_unknown(d, {"value", "scheme", "meaning"}, where + ".")
@@ -141,7 +147,7 @@ def _choice(value: Any, allowed: tuple[str, ...], where: str) -> Any:
     return value
 
 
-def _preprocessing(d: dict[str, Any]) -> Preprocessing:
+def parse_preprocessing(d: dict[str, Any]) -> Preprocessing:
     w = "preprocessing."
     _no_unknown(d, set(Preprocessing.__dataclass_fields__), w)
     p = Preprocessing(
@@ -180,11 +186,13 @@ def _label(d: Any, i: int, task: str) -> Label:
         index=int(_req(d, "index", int, w)),
         name=_req(d, "name", str, w),
         threshold=threshold,
-        finding=_code(_req(d, "finding", dict, w), w + "finding"),
-        segment_category=_code(d["segment_category"], w + "segment_category")
-        if "segment_category" in d
-        else None,
-        segment_type=_code(d["segment_type"], w + "segment_type") if "segment_type" in d else None,
+        finding=parse_code(_req(d, "finding", dict, w), w + "finding"),
+        segment_category=None
+        if d.get("segment_category") is None
+        else parse_code(d["segment_category"], w + "segment_category"),
+        segment_type=None
+        if d.get("segment_type") is None
+        else parse_code(d["segment_type"], w + "segment_type"),
         aggregation=_choice(d.get("aggregation", "max"), ("max", "mean"), w + "aggregation"),
     )
     if task == "segmentation" and (label.segment_category is None or label.segment_type is None):
@@ -233,7 +241,7 @@ def parse_card(data: Any) -> ModelCard:
             dtype=_choice(inp.get("dtype", "float32"), ("float32",), "input.dtype"),
             context_slices=int(inp.get("context_slices", 1)),
         ),
-        preprocessing=_preprocessing(_req(data, "preprocessing", dict, "")),
+        preprocessing=parse_preprocessing(_req(data, "preprocessing", dict, "")),
         output=OutputSpec(
             name=_req(out, "name", str, "output."),
             activation=_choice(

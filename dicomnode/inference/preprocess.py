@@ -113,6 +113,17 @@ def prepare_labels(
     return out
 
 
+def stack_context(slices: npt.ArrayLike, context: int) -> FloatArray:
+    """(N, h, w) -> (N, context, h, w): each slice with its neighbours (2.5D input),
+    edges repeated.  ``context`` is odd; 1 gives (N, 1, h, w)."""
+    arr = np.asarray(slices, dtype=np.float32)
+    half = context // 2
+    n = arr.shape[0]
+    idx = np.clip(np.arange(n)[:, None] + np.arange(-half, half + 1)[None, :], 0, n - 1)
+    out: FloatArray = arr[idx]
+    return out
+
+
 def restore_slices(
     output: npt.ArrayLike, geometry: SliceGeometry, skip_below: float | None = None
 ) -> FloatArray:

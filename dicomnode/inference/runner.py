@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from dicomnode.errors import ModelError
 from dicomnode.inference.card import Bundle
-from dicomnode.inference.preprocess import prepare_slices, restore_slices
+from dicomnode.inference.preprocess import prepare_slices, restore_slices, stack_context
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ class BundleRunner:
             return self._open([PROVIDERS["cpu"]])
 
     def _run_batch(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        x = batch[:, None] if self.card.input.layout == "NCHW" else batch[..., None]
+        """Run (N, C, h, w) input (C = the card's context slices) in the card's layout."""
+        x = batch if self.card.input.layout == "NCHW" else np.moveaxis(batch, 1, -1)
         feed = {self.card.input.name: np.ascontiguousarray(x, dtype=np.float32)}
         try:
             out = self.session.run([self.card.output.name], feed)[0]
@@ -161,9 +162,13 @@ class BundleRunner:
         Classification: probabilities (slices, channels).
         """
         x, geometry = prepare_slices(hu, pixel_spacing, self.card.preprocessing)
+        context = self.card.input.context_slices
         outputs = []
         for start in range(0, x.shape[0], self.batch_size):
-            y = self._run_batch(x[start : start + self.batch_size])
+            stop = min(start + self.batch_size, x.shape[0])
+            lo, hi = max(0, start - context // 2), min(x.shape[0], stop + context // 2)
+            stacked = stack_context(x[lo:hi], context)  # neighbours across batch edges
+            y = self._run_batch(stacked[start - lo : start - lo + stop - start])
             if self.card.task == "classification":
                 outputs.append(self._activate(y.reshape(y.shape[0], -1), axis=1))
                 continue

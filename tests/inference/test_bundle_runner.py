@@ -101,3 +101,42 @@ def test_restore_skipping_empty_slices_gives_the_same_masks() -> None:
     fast = restore_slices(low, geometry, skip_below=0.5)
     assert np.array_equal(full >= 0.5, fast >= 0.5)
     assert fast[0].max() == 0.0 and fast[2].max() > 0.5
+
+
+def test_context_slices_feed_each_slice_with_its_neighbours(tmp_path: Path) -> None:
+    # A 2.5D model whose output is (next slice - previous slice): checks order and edges.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dicomnode.inference.card import sha256_file
+
+    w = numpy_helper.from_array(np.array([-1.0, 0.0, 1.0], np.float32).reshape(1, 3, 1, 1), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["out"])], "ctx",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, "H", "W"])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    bundle = threshold_segmenter(tmp_path / "b")
+    onnx.save(model, bundle / "model.onnx")
+    edit_card(bundle, sha256=sha256_file(bundle / "model.onnx"),
+              input={"name": "image", "layout": "NCHW", "context_slices": 3},
+              output={"name": "out", "activation": "none", "layout": "NCHW"},
+              preprocessing={"window_min": 0, "window_max": 100, "target_spacing_mm": None})
+    card = json.loads((bundle / "card.json").read_text())
+    card["labels"][0]["threshold"] = 0.01
+    (bundle / "card.json").write_text(json.dumps(card))
+    runner = BundleRunner(load_bundle(bundle), batch_size=2)
+    hu = np.repeat(np.arange(5, dtype=np.float32)[:, None, None] * 10, 16, axis=1)
+    hu = np.repeat(hu, 16, axis=2)  # slice k has value 10 k -> 0.1 k after the window
+    out = runner.predict_slices(hu, (1.0, 1.0))[0, :, 8, 8]
+    assert np.allclose(out, [0.1, 0.2, 0.2, 0.2, 0.1], atol=1e-5)
+
+
+def test_classification_card_written_by_write_card_loads(tmp_path: Path) -> None:
+    from dicomnode.inference.card import write_card
+
+    bundle = max_classifier(tmp_path / "c")
+    card = load_bundle(bundle).card
+    write_card(bundle, card)
+    assert load_bundle(bundle).card == card
