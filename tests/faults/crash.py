@@ -158,6 +158,7 @@ class CrashReport:
             f"results: {sum(len(v) for v in self.expected.values())} expected, "
             f"{len(set(self.receptions))} distinct received, {len(self.undelivered)} missing, "
             f"{len(self.unexpected)} unexpected\n"
+            f"results in doubt at a kill (sent, answer not recorded): {len(self.in_doubt_uids)}\n"
             f"duplicate receptions (same SOP Instance UID again): {dup}: "
             f"{self._dups(lambda u: u in self.in_doubt_uids)} of results in doubt at a kill "
             f"(sent, not yet confirmed), "
