@@ -13,11 +13,14 @@ changes), ``delivery`` (sent / failed with status), ``purge`` (retention).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Keys that must never appear in an audit record (PHI).
 FORBIDDEN_KEYS = frozenset(
@@ -55,7 +58,12 @@ class AuditLog:
         }
         line = (json.dumps(entry, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            os.write(self._open(), line)
+            try:
+                os.write(self._open(), line)
+            except OSError as exc:
+                # A full disk must not turn a stored instance (or a 0xA700) into 0xC211;
+                # the gap in the trail is logged instead.
+                log.error("audit record %r not written: %s", event, exc)
 
     def close(self) -> None:
         with self._lock:

@@ -10,8 +10,10 @@ one worker thread in-process (tests, small installs).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import threading
@@ -38,8 +40,21 @@ def _open_queue(config: Config) -> tuple[Index, JobQueue]:
     return index, JobQueue(index, config.jobs, config.delivery)
 
 
-def worker_main(config: Config, log_level: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the node process dies (no orphan worker may
+    keep taking jobs next to a restarted node); checked again in case it died first."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_main(config: Config, log_level: str, parent: int) -> None:
     """Entry point of a worker process: run jobs until SIGTERM, finishing the current one."""
+    _die_with_parent(parent)
     logging.basicConfig(
         level=log_level,
         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
@@ -114,16 +129,37 @@ class Node:
                 ),
                 "worker",
             )
-        ctx = mp.get_context("spawn")
         for i in range(self.config.node.workers):
-            p = ctx.Process(
-                target=worker_main,
-                args=(self.config, self.config.node.log_level),
-                name=f"dicomnode-worker-{i}",
-                daemon=False,
+            self._workers.append(self._start_worker(i))
+
+    def _start_worker(self, number: int) -> BaseProcess:
+        p = mp.get_context("spawn").Process(
+            target=worker_main,
+            args=(self.config, self.config.node.log_level, os.getpid()),
+            name=f"dicomnode-worker-{number}",
+            daemon=False,
+        )
+        p.start()
+        return p
+
+    def _check_workers(self) -> None:
+        """A worker that died is replaced; the job it was running goes back to the queue."""
+        for i, p in enumerate(self._workers):
+            if p.is_alive() or self._stop.is_set() or p.pid is None:
+                continue
+            released = self.queue.release_worker(p.pid)
+            log.error(
+                "worker %s (pid %d) died with exit code %s; %d job(s) re-queued, "
+                "starting a new worker",
+                p.name,
+                p.pid,
+                p.exitcode,
+                released,
             )
-            p.start()
-            self._workers.append(p)
+            self.audit.record(
+                "worker", outcome="died", pid=p.pid, exitcode=p.exitcode, jobs_requeued=released
+            )
+            self._workers[i] = self._start_worker(i)
 
     def _spawn_thread(self, target: object, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -136,6 +172,7 @@ class Node:
             try:
                 self.scheduler.tick()
                 self.deliverer.run_once()
+                self._check_workers()
                 self.purge_expired()
             except Exception:
                 log.exception("housekeeping failed; retrying")

@@ -64,11 +64,17 @@ def summarise(result: PipelineResult) -> dict[str, Any]:
 
 
 def _write(ds: Dataset, path: Path) -> None:
+    """Write, fsync, rename, fsync the folder: a result is whole or absent."""
     tmp = path.with_suffix(".part")
     ds.save_as(tmp, enforce_file_format=True)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Processor:
@@ -117,6 +123,8 @@ class Processor:
             previous_versions=previous,
         )
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob("*.part"):  # left by a run that was killed
+            stale.unlink(missing_ok=True)
         seg_path = out_dir / f"{volume.series_instance_uid}-seg.dcm"
         sr_path = out_dir / f"{volume.series_instance_uid}-sr.dcm"
         _write(seg, seg_path)

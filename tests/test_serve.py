@@ -141,3 +141,53 @@ def test_sigterm_before_completion_keeps_the_study_for_the_next_start(tmp_path: 
         pacs.stop()
     assert len(pacs.received) == 2
     assert os.path.isdir(tmp_path / "data" / "spool")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return "spawn_main" in cmdline and "resource_tracker" not in cmdline
+
+
+@pytest.mark.slow
+def test_a_dead_worker_is_replaced_and_the_next_study_processed(tmp_path: Path) -> None:
+    pacs = FolderSCP("PACS", tmp_path / "pacs")
+    pacs.start()
+    port = free_port()
+    proc = start(write_config(tmp_path, port, pacs.port, quiet=0.5), port)
+    try:
+        # Given the node's worker process is killed
+        deadline = time.monotonic() + 30
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline:
+            workers = [p for p in children(proc.pid) if is_worker(p)]
+            time.sleep(0.1)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        # When a study arrives
+        files = write_phantom(
+            generate_phantom(PhantomSpec(rows=64, columns=64, slices=12, lesions=())),
+            tmp_path / "study",
+        )
+        assert all(r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", port), files, "PACS"))
+        # Then a new worker processes it
+        assert len(pacs.wait_for(2, timeout=90)) == 2
+    finally:
+        log = stop(proc)
+        pacs.stop()
+    assert "died" in log and "starting a new worker" in log

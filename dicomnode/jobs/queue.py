@@ -17,6 +17,7 @@ to ``pending``.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     finished_at REAL,
     summary TEXT NOT NULL DEFAULT '',
+    worker_pid INTEGER,
     UNIQUE (study_instance_uid, route, generation)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
@@ -146,6 +148,9 @@ class JobQueue:
         self.retry = retry
         self.delivery_retry = delivery_retry
         index.ensure_schema(SCHEMA)
+        columns = {r[1] for r in index.connect().execute("PRAGMA table_info(jobs)")}
+        if "worker_pid" not in columns:  # index created by an earlier version
+            index.connect().execute("ALTER TABLE jobs ADD COLUMN worker_pid INTEGER")
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -198,7 +203,9 @@ class JobQueue:
             ).fetchone()
             if row is None:
                 return None
-            self._move(conn, row["id"], RUNNING, attempts=row["attempts"] + 1)
+            self._move(
+                conn, row["id"], RUNNING, attempts=row["attempts"] + 1, worker_pid=os.getpid()
+            )
         return self.get(row["id"])
 
     def get(self, job_id: int) -> Job:
@@ -260,6 +267,23 @@ class JobQueue:
             conn.execute("DELETE FROM outbox WHERE job_id = ?", (job_id,))
             self._move(conn, job_id, QUEUED, attempts=0, next_attempt_at=0, last_error="")
             return QUEUED
+
+    def release_worker(self, pid: int) -> int:
+        """A worker process died: its running jobs go back to the queue (with back-off), or
+        to dead-letter once they have used their attempts (it may be what kills it)."""
+        released = 0
+        with self.index.transaction() as conn:
+            for row in conn.execute(
+                "SELECT id, attempts FROM jobs WHERE state = ? AND worker_pid = ?", (RUNNING, pid)
+            ).fetchall():
+                error = f"worker process {pid} died while running the job"
+                if row["attempts"] >= self.retry.max_attempts:
+                    self._move(conn, row["id"], FAILED, last_error=error + "; gave up")
+                else:
+                    due = time.time() + self.retry.delay(row["attempts"])
+                    self._move(conn, row["id"], QUEUED, last_error=error, next_attempt_at=due)
+                released += 1
+        return released
 
     def recover(self) -> tuple[int, int]:
         """After a crash: running jobs go back to queued, sending outbox rows to pending.

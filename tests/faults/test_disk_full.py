@@ -107,11 +107,6 @@ def test_disk_filling_mid_write_answers_out_of_resources_and_keeps_nothing_parti
         node.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the audit record of the refusal fails with ENOSPC and the C-STORE handler "
-    "raises, so pynetdicom answers 0xC211 (dicomnode/net/scp.py, dicomnode/audit.py)",
-)
 def test_completely_full_disk_answers_out_of_resources(
     small_disk: Callable[[int], Path],
     node_factory: NodeFactory,

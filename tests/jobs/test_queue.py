@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -119,3 +120,13 @@ def test_transitions_outside_the_table_are_refused(queue: JobQueue) -> None:
     job_id = new_job(queue)
     with pytest.raises(TransitionError), queue.index.transaction() as conn:
         queue._move(conn, job_id, DONE)
+
+
+def test_jobs_of_a_dead_worker_are_requeued_with_backoff(queue: JobQueue) -> None:
+    job_id = new_job(queue)
+    job = queue.claim()
+    assert job is not None
+    assert queue.release_worker(os.getpid() + 1) == 0  # someone else's pid: nothing
+    assert queue.release_worker(os.getpid()) == 1
+    requeued = queue.get(job_id)
+    assert requeued.state == QUEUED and "died" in requeued.last_error
