@@ -40,6 +40,17 @@ SPACING_RELATIVE_TOLERANCE = 0.01
 _NATIVE_LITTLE_ENDIAN = frozenset(
     {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
+#: What pydicom and the conversions raise on values that make no sense for their attribute.
+_UNREADABLE = (
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+    MemoryError,
+)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _REQUIRED = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
 
 
@@ -161,12 +172,13 @@ def _stack_geometry(headers: Sequence[_SliceHeader]) -> _Stack:
     normal = np.cross(first.orientation[:3], first.orientation[3:])
     normal /= np.linalg.norm(normal)
     if len(headers) == 1:
-        if first.slice_thickness is None or first.slice_thickness <= 0:
+        thickness = first.slice_thickness
+        if thickness is None or not (math.isfinite(thickness) and thickness > 0):
             raise ImagingError(
                 f"{first.label}: a single slice needs a positive SliceThickness to give the "
                 "volume a slice spacing"
             )
-        return _Stack(np.zeros(1, dtype=np.intp), first.position, normal, first.slice_thickness)
+        return _Stack(np.zeros(1, dtype=np.intp), first.position, normal, thickness)
     positions = np.stack([h.position for h in headers])
     distances = positions @ normal
     order = np.argsort(distances, kind="stable")
@@ -181,6 +193,11 @@ def _stack_geometry(headers: Sequence[_SliceHeader]) -> _Stack:
     steps = np.diff(sorted_positions, axis=0)
     mean_step = (sorted_positions[-1] - sorted_positions[0]) / (len(headers) - 1)
     spacing = float(np.linalg.norm(mean_step))
+    if not math.isfinite(spacing):
+        raise ImagingError(
+            f"slice positions {_mm(sorted_positions[0])} to {_mm(sorted_positions[-1])} mm "
+            "are too far apart to be one series"
+        )
     tolerance = max(POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE * spacing)
     deviations = np.linalg.norm(steps - mean_step, axis=1)
     worst = int(np.argmax(deviations))
@@ -231,10 +248,15 @@ def _rescale_into(ds: Dataset, label: str, out: npt.NDArray[np.float32]) -> None
     if stored is None:
         try:
             stored = ds.pixel_array
-        except Exception as exc:  # decoders raise many types; name the file and syntax
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # decoders raise many types; name the file and syntax
+            # pylibjpeg-rle (Rust, pyo3) panics on corrupt RLE with PanicException, which
+            # derives from BaseException: uncaught, it would end the worker, not the job.
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
             raise ImagingError(
-                f"{label}: cannot decode pixel data (transfer syntax {syntax}): {exc}"
+                f"{label}: cannot decode pixel data (transfer syntax {syntax}): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
     if stored.shape != out.shape:
         raise ImagingError(
@@ -245,6 +267,12 @@ def _rescale_into(ds: Dataset, label: str, out: npt.NDArray[np.float32]) -> None
         return
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    # Rescaled values must be finite in float32 for every stored value the dtype can hold.
+    largest = abs(slope) * 2.0 ** (8 * stored.dtype.itemsize) + abs(intercept)
+    if not (math.isfinite(largest) and largest < _FLOAT32_MAX):
+        raise ImagingError(
+            f"{label}: RescaleSlope {slope} / RescaleIntercept {intercept} overflow float32"
+        )
     out[...] = stored
     if slope != 1.0:
         out *= np.float32(slope)
@@ -288,12 +316,22 @@ class _VolumeBuilder:
         self.pixels: npt.NDArray[np.float32] | None = None
 
     def add(self, ds: Dataset, label: str) -> None:
-        header = _read_header(ds, label)
-        if self.pixels is None:
-            self.pixels = np.empty((self.count, header.rows, header.columns), dtype=np.float32)
-        else:
-            _check_consistent([self.headers[0], header])
-        _rescale_into(ds, label, self.pixels[len(self.headers)])
+        try:
+            header = _read_header(ds, label)
+            if self.pixels is None:
+                shape = (self.count, header.rows, header.columns)
+                self.pixels = np.empty(shape, dtype=np.float32)
+            else:
+                _check_consistent([self.headers[0], header])
+            _rescale_into(ds, label, self.pixels[len(self.headers)])
+        except ImagingError:
+            raise
+        except _UNREADABLE as exc:
+            # A value that breaks its VR or makes no sense (a US with two values, a DS
+            # "0x10", an IS "nan") reached through pydicom: the file is unusable, say which.
+            raise ImagingError(
+                f"{label}: unreadable attribute value ({type(exc).__name__}: {exc})"
+            ) from exc
         self.headers.append(header)
 
     def build(self, paths: Sequence[Path]) -> Volume:

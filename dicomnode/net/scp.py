@@ -26,6 +26,7 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.net import status
+from dicomnode.net.guards import ContextList, guard_association
 from dicomnode.net.tls import server_context
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
@@ -56,11 +57,30 @@ class CallerCheckingACSE(ACSE):
 
 
 class NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket."""
+    """pynetdicom's threaded server with TCP_NODELAY and a timeout on every accepted socket.
+
+    pynetdicom sets the network timeout on the listening socket only; accepted sockets are
+    blocking without one, so a peer that sends part of a PDU and then nothing holds its
+    association (and a slot of ``max_associations``) forever.  With TLS, pynetdicom does
+    the handshake inside ``accept``, in the one thread that accepts connections: a peer
+    that connects and stays silent stops the node accepting anyone.  Here the handshake
+    is left to the association's own thread (OpenSSL performs it on the first read), under
+    the same timeout.
+    """
+
+    #: listen() backlog; socketserver's default of 5 makes a burst of connections (a
+    #: PACS opening one association per image, a flood) wait for SYN retransmits (1 s).
+    request_queue_size = 128
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        assert self.socket is not None
+        client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
 
@@ -132,6 +152,7 @@ class StorageSCP:
             server_class=NoDelayServer,
             ssl_context=server_context(tls) if tls.enabled else None,
         )
+        server.contexts = ContextList(server.contexts)  # copied per connection
         self.ae._servers.append(server)  # so that server.shutdown() finds it
         stamp = datetime.now().strftime("%H%M%S")
         self._thread = threading.Thread(
@@ -244,9 +265,11 @@ class StorageSCP:
         return status.SUCCESS
 
     def _log_open(self, event: Event) -> None:
-        """Runs before the association starts: install the host check, log the connection."""
+        """Runs before the association starts: install the host check and the guards
+        against malformed input (:mod:`dicomnode.net.guards`), log the connection."""
         if any(c.hosts for c in self.settings.allowed_callers):
             event.assoc.acse = CallerCheckingACSE(event.assoc, self._caller_allowed)
+        guard_association(event.assoc, self.settings.max_pdu)
         address: Any = getattr(event, "address", ("?", "?"))
         log.debug("connection from %s:%s", address[0], address[1])
 

@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -54,20 +55,51 @@ def _contexts(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     return proposed
 
 
+def keep_stray_responses(assoc: Association) -> None:
+    """Work around a pynetdicom race that loses a response and stalls ``send_c_store``.
+
+    ``send_*`` pauses the association's reactor before sending, but it checks a flag the
+    reactor sets just before pausing: when the reactor is between waking and clearing that
+    flag (right after the previous ``send_*`` resumed it), the request goes out unpaused,
+    the reactor takes the response off the queue as if it were a request, logs "Received
+    unexpected C-STORE service message" and drops it; the sender then waits for the DIMSE
+    timeout.  Seen about once in 1,000 back-to-back C-STOREs on a loaded 2-core machine.
+    Here a response the reactor takes is put back for the sender.
+    """
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+
 def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> Association:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = peer.timeout_s
     ae.dimse_timeout = peer.timeout_s
     ae.network_timeout = peer.timeout_s
     ae.connection_timeout = min(10.0, peer.timeout_s)
+    # One presentation context per transfer syntax: an acceptor picks a single syntax per
+    # context, so a context proposing (RLE, Explicit, Implicit) could come back as Explicit
+    # and a compressed file could not be sent as it is.  Combined when over the limit of 128.
+    separate = sum(len(s) for s in contexts.values()) <= 128
     for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, syntaxes)
+        if separate:
+            for syntax in syntaxes:
+                ae.add_requested_context(sop_class, syntax)
+        else:
+            ae.add_requested_context(sop_class, syntaxes)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if assoc.is_established:
         sock = getattr(assoc.dul.socket, "socket", None)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_stray_responses(assoc)
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:

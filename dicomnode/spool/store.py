@@ -21,7 +21,6 @@ import re
 import shutil
 import sqlite3
 import threading
-import struct
 import time
 import uuid
 import zlib
@@ -35,11 +34,22 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
 from dicomnode.spool.index import Index
+from dicomnode.spool.structure import Structure, check_structure, split_file_meta
 
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+_HEADER_TAGS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+_IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100)  # Rows, Columns, Bits Allocated
+_SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES = 0x00280002, 0x00280008
+_WANTED = frozenset(
+    [*_HEADER_TAGS.values(), *_IMAGE_PIXEL_TAGS, _SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES]
+)
 
 
 class StoreOutcome(Enum):
@@ -58,72 +68,76 @@ class InstanceHeader:
 
 
 def read_header(encoded: bytes) -> InstanceHeader:
-    """Parse the four UIDs from encoded bytes (file meta + dataset) without pixel data."""
+    """Check the structure of encoded bytes (file meta + dataset) and read the four UIDs.
+
+    Nothing is decoded: the element headers are walked (:mod:`dicomnode.spool.structure`)
+    and the few values needed are taken from the walk.  A truncated or corrupt dataset, an
+    invalid or missing UID, an image without Pixel Data or native Pixel Data shorter than
+    its Rows x Columns x Samples x Frames x Bits Allocated raise
+    :class:`InvalidInstanceError`.
+    """
     try:
-        stream = io.BytesIO(encoded)
-        ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        values = [str(ds.get(k, "")).strip() for k in _HEADER_TAGS]
-        if ts and ts != DeflatedExplicitVRLittleEndian:
-            # dcmread leaves the stream at the Pixel Data element (or at the end).
-            _check_pixel_data(encoded, stream.tell(), UID(ts))
+        offset, ts = split_file_meta(encoded)
+        if not _UID.match(ts):
+            raise InvalidInstanceError(f"the file meta has no valid Transfer Syntax UID: {ts!r}")
+        if is_deflated(ts):
+            return _read_deflated_header(encoded, ts)
+        structure = check_structure(encoded, offset, UID(ts), _WANTED)
     except InvalidInstanceError:
         raise
+    except Exception as exc:  # an unknown transfer syntax, say
+        raise InvalidInstanceError(f"cannot parse the dataset: {exc!r}") from exc
+    values = [structure.text(tag) for tag in _HEADER_TAGS.values()]
+    _check_uids(values)
+    _check_pixels(structure, values[0])
+    sop_class, sop_instance, study, series = values
+    return InstanceHeader(sop_class, sop_instance, study, series, ts)
+
+
+def _read_deflated_header(encoded: bytes, ts: str) -> InstanceHeader:
+    """pydicom inflates and reads the header elements (no structure walk of the stream)."""
+    try:
+        ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        values = [str(ds.get(k, "")).strip() for k in _HEADER_TAGS]
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, zlib.error) as exc:
         raise InvalidInstanceError(f"cannot parse the dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise InvalidInstanceError(f"cannot parse the dataset: {exc!r}") from exc
+    _check_uids(values)
+    sop_class, sop_instance, study, series = values
+    return InstanceHeader(sop_class, sop_instance, study, series, ts)
+
+
+def _check_uids(values: list[str]) -> None:
     for keyword, value in zip(_HEADER_TAGS, values, strict=True):
         if not value:
             raise InvalidInstanceError(f"the dataset has no {keyword}")
         if len(value) > 64 or not _UID.match(value):
             raise InvalidInstanceError(f"{keyword} {value[:70]!r} is not a valid UID")
-    sop_class, sop_instance, study, series = values
-    return InstanceHeader(sop_class, sop_instance, study, series, ts)
 
 
-_PIXEL_DATA = 0x7FE00010
-_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _check_pixel_data(encoded: bytes, offset: int, ts: UID) -> None:
-    """Refuse a dataset whose Pixel Data element is cut short (a truncated transfer).
-
-    Reads only the element header and, for encapsulated data, the fragment item headers:
-    no decoding.  Native data must fit in what arrived; encapsulated data must reach its
-    sequence delimiter.
-    """
-    if offset + 8 > len(encoded):
-        return  # no Pixel Data element
-    endian = "<" if ts.is_little_endian else ">"
-    group, element = struct.unpack_from(endian + "HH", encoded, offset)
-    if (group << 16 | element) != _PIXEL_DATA:
-        return  # not at Pixel Data: nothing to check
-    if ts.is_implicit_VR:
-        (length,) = struct.unpack_from(endian + "L", encoded, offset + 4)
-        value = offset + 8
-    else:
-        if offset + 12 > len(encoded):
-            raise InvalidInstanceError("the Pixel Data element is truncated")
-        (length,) = struct.unpack_from(endian + "L", encoded, offset + 8)
-        value = offset + 12
-    if length != _UNDEFINED_LENGTH:
-        if value + length > len(encoded):
-            raise InvalidInstanceError(
-                f"Pixel Data is truncated: {len(encoded) - value} of {length} bytes arrived"
-            )
+def _check_pixels(structure: Structure, sop_class: str) -> None:
+    """An image has pixels, and native Pixel Data holds every frame its header declares."""
+    if not structure.has_pixels:
+        name = UID(sop_class).name
+        if "Image Storage" in name:
+            raise InvalidInstanceError(f"the dataset is a {name} without Pixel Data (truncated?)")
         return
-    position = value
-    while position + 8 <= len(encoded):
-        tag_group, tag_element, item_length = struct.unpack_from("<HHL", encoded, position)
-        tag = tag_group << 16 | tag_element
-        if tag == _SEQUENCE_DELIMITER:
-            return
-        if tag != _ITEM or item_length == _UNDEFINED_LENGTH:
-            raise InvalidInstanceError("encapsulated Pixel Data has an invalid item")
-        position += 8 + item_length
-    raise InvalidInstanceError("encapsulated Pixel Data is truncated (no sequence delimiter)")
+    length = structure.pixel_data_length
+    rows, columns, bits_allocated = (structure.unsigned(t) for t in _IMAGE_PIXEL_TAGS)
+    if length is None or rows is None or columns is None or bits_allocated is None:
+        return  # encapsulated (its fragments were walked), or no image pixel module
+    samples = structure.unsigned(_SAMPLES_PER_PIXEL) or 1
+    try:
+        frames = max(1, int(structure.text(_NUMBER_OF_FRAMES) or 1))
+    except ValueError:
+        frames = 1  # an unreadable frame count is the decoder's to report
+    needed = (rows * columns * samples * frames * bits_allocated + 7) // 8
+    if length < needed:
+        raise InvalidInstanceError(
+            f"Pixel Data has {length} bytes but Rows x Columns x Samples x Frames x Bits "
+            f"Allocated needs {needed}"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,179 @@
+"""Association floods beyond ``max_associations``: extra ones are rejected, then it recovers.
+
+A peer (or many) may open more associations than the node allows, or open TCP connections
+and send nothing, or send part of a PDU and stall.  The extra associations must be
+rejected (A-ASSOCIATE-RJ, transient, local limit exceeded), the held ones keep working, no
+connection may hold a slot past the node's timeouts, and once the flood ends the node
+accepts again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.node import Node
+
+from .harness import (
+    FUZZ_AE,
+    NODE_AE,
+    SEND_TIMEOUT_S,
+    Tally,
+    assert_serving,
+    watching,
+)
+
+MAX_ASSOCIATIONS = 4
+REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED = 2, 3, 2
+
+
+def _associate(node: Node) -> Association:
+    ae = AE(ae_title=FUZZ_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = SEND_TIMEOUT_S
+    ae.connection_timeout = SEND_TIMEOUT_S
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+
+
+def _outcome(assoc: Association) -> str:
+    if assoc.is_established:
+        return "accepted"
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        assert rsp is not None
+        return f"rejected {rsp.result}/{rsp.result_source}/{rsp.diagnostic}"
+    return "aborted"
+
+
+def _active(node: Node) -> int:
+    return len([a for a in node.scp.ae.active_associations if a.is_acceptor])
+
+
+def _wait_until_idle(node: Node, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _active(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _active(node) == 0, f"{_active(node)} association(s) still held after {timeout} s"
+
+
+@pytest.fixture
+def small_node(fuzz_node: Node) -> Node:
+    """The fuzz node allowing 4 associations; a silent connection is dropped after 1 s."""
+    ae = fuzz_node.scp.ae
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.acse_timeout = 1.0
+    return fuzz_node
+
+
+@pytest.fixture
+def impatient_node(small_node: Node) -> Node:
+    """``small_node`` whose reads also time out after 1 s (idle associations end too)."""
+    small_node.scp.ae.network_timeout = 1.0
+    return small_node
+
+
+def test_associations_beyond_the_maximum_are_rejected(
+    small_node: Node, valid_file: Path, tally: Tally
+) -> None:
+    with watching(tally):
+        # Given the node's maximum of associations held open
+        held = [_associate(small_node) for _ in range(MAX_ASSOCIATIONS)]
+        assert all(a.is_established for a in held)
+        try:
+            # When 24 more are requested at once
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                extra = list(pool.map(lambda _: _associate(small_node), range(24)))
+            outcomes = [_outcome(a) for a in extra]
+            for outcome in outcomes:
+                tally.add("association flood", outcome)
+            # Then every extra one is rejected (transient, local limit exceeded) ...
+            expected = (
+                f"rejected {REJECTED_TRANSIENT}/{SOURCE_PROVIDER_PRESENTATION}/"
+                f"{LOCAL_LIMIT_EXCEEDED}"
+            )
+            assert outcomes == [expected] * 24
+            # ... and the held ones still work
+            assert all(int(a.send_c_echo().Status) == 0 for a in held)
+        finally:
+            for a in held:
+                a.release()
+        # And once they are released the node accepts and stores again
+        _wait_until_idle(small_node, 3.0)
+        assert_serving(small_node, valid_file)
+
+
+@pytest.mark.parametrize("first_bytes", [b"", b"\x01\x00"], ids=["silent", "partial PDU"])
+def test_stalled_connections_free_their_slots(
+    impatient_node: Node, valid_file: Path, tally: Tally, first_bytes: bytes
+) -> None:
+    small_node = impatient_node
+    with watching(tally):
+        # Given more TCP connections than the maximum, each silent or stalled mid-PDU
+        stalled = [
+            socket.create_connection(("127.0.0.1", small_node.port), timeout=SEND_TIMEOUT_S)
+            for _ in range(MAX_ASSOCIATIONS + 4)
+        ]
+        try:
+            for sock in stalled:
+                sock.sendall(first_bytes)
+            # When a real peer asks for an association meanwhile, it is turned away
+            # (a stalled connection counts as an association until its timeout) ...
+            time.sleep(0.2)
+            blocked = _associate(small_node)
+            tally.add("stalled connections", f"during: {_outcome(blocked)}")
+            if blocked.is_established:
+                blocked.release()
+            # Then the node drops every stalled connection within its timeouts
+            _wait_until_idle(small_node, SEND_TIMEOUT_S)
+            closed = 0
+            for sock in stalled:
+                sock.settimeout(SEND_TIMEOUT_S)
+                try:
+                    data = sock.recv(1024)
+                    while data:
+                        data = sock.recv(1024)
+                except ConnectionResetError:
+                    pass
+                closed += 1
+            assert closed == len(stalled)
+        finally:
+            for sock in stalled:
+                sock.close()
+        # And it accepts and stores again
+        assert_serving(small_node, valid_file)
+        tally.add("stalled connections", "recovered")
+
+
+def test_connection_churn_does_not_leak(small_node: Node, valid_file: Path, tally: Tally) -> None:
+    with watching(tally):
+        # Given peers that connect and disconnect abruptly, 64 times from 8 threads
+        def churn(i: int) -> None:
+            with socket.create_connection(("127.0.0.1", small_node.port), timeout=5) as s:
+                if i % 2:
+                    s.sendall(b"\x01\x00\x00\x00")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def safe(i: int) -> None:
+            try:
+                churn(i)
+            except OSError as exc:  # refused/reset under load: a clean ending too
+                with lock:
+                    errors.append(exc)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(safe, range(64)))
+        tally.add("connection churn", f"{64 - len(errors)} connects")
+        # Then no association is left holding a slot, and the node serves
+        _wait_until_idle(small_node, 3.0)
+        assert_serving(small_node, valid_file)
