@@ -9,7 +9,11 @@ Installed on each accepted association before it starts (:func:`guard_associatio
   the exception ends the association's reactor thread;
 - any other exception that escapes pynetdicom's state machine (an A-ABORT PDU with an
   invalid source, a release response racing an abort) is logged in one line and the
-  connection closed, instead of killing the reactor thread with a traceback.
+  connection closed, instead of killing the reactor thread with a traceback;
+- a connection that closes before its A-ASSOCIATE-RQ ends its association at once:
+  pynetdicom kept waiting for the request until the ACSE timeout (30 s), counting it
+  against ``max_associations``, so 9 bare connects (a port scan, a load balancer's TCP
+  health check) turned every peer away for that long.
 
 :class:`ContextList` makes accepting a connection cheap: pynetdicom deep-copies the server's
 supported presentation contexts for every connection, 68 ms of CPU for all storage SOP
@@ -32,6 +36,8 @@ MIN_PDU_LIMIT = 1 << 20
 #: The DUL event for "unrecognised or invalid PDU" (PS3.8 9.2): the state machine answers
 #: it with A-ABORT.
 _INVALID_PDU = "Evt19"
+#: The DUL state with no transport connection (PS3.8 9.2).
+_IDLE = "Sta1"
 
 
 def guard_association(assoc: Any, max_pdu: int) -> None:
@@ -43,6 +49,7 @@ def guard_association(assoc: Any, max_pdu: int) -> None:
         limit_pdu_length(assoc.dul.socket, max(max_pdu, MIN_PDU_LIMIT))
     _abort_on_undecodable_dimse(assoc)
     _contain_reactor_errors(assoc)
+    _end_when_closed_before_request(assoc)
 
 
 def limit_pdu_length(sock: Any, limit: int) -> None:
@@ -116,3 +123,17 @@ class ContextList(list[Any]):
             duplicate._transfer_syntax = list(context._transfer_syntax)
             copies.append(duplicate)
         return copies
+
+
+def _end_when_closed_before_request(assoc: Any) -> None:
+    machine = assoc.dul.state_machine
+    transition = machine.transition
+
+    def transition_and_wake(state: str) -> None:
+        transition(state)
+        if state == _IDLE and not assoc.is_established and assoc.requestor.primitive is None:
+            # The acceptor thread waits for the A-ASSOCIATE-RQ primitive; None is what it
+            # gets when that wait times out, and it then ends the association.
+            assoc.dul.to_user_queue.put(None)
+
+    machine.transition = transition_and_wake
