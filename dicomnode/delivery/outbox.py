@@ -22,7 +22,7 @@ from dicomnode.config import Config
 from dicomnode.errors import ConfigError, DeliveryError
 from dicomnode.jobs.queue import JobQueue, OutboxItem
 from dicomnode.net import status
-from dicomnode.net.scu import Peer, send_files
+from dicomnode.net.scu import Peer, SendResult, send_files
 from dicomnode.net.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -114,48 +114,56 @@ class Deliverer:
                 self.queue.delivery_failed(item.id, str(exc), transient=False)
             return
         peer = Peer(remote.ae_title, remote.host, remote.port, remote.timeout_s, context)
+        answered: set[int] = set()
+        sent = 0
+
+        def record(i: int, result: SendResult) -> None:
+            # Recorded before the next file goes out: a crash leaves one file in doubt.
+            nonlocal sent
+            answered.add(i)
+            sent += self._record(destination, items[i], result)
+
         try:
-            results = send_files(peer, [i.path for i in items], self.config.node.ae_title)
-        except DeliveryError as exc:
+            send_files(peer, [i.path for i in items], self.config.node.ae_title, record)
+        except (DeliveryError, OSError, ValueError) as exc:
+            transient = exc.transient if isinstance(exc, DeliveryError) else True
             log.warning("delivery to %s failed: %s", destination, exc)
             self.audit.record(
                 "delivery",
                 outcome="failed",
                 destination=destination,
-                transient=exc.transient,
+                transient=transient,
                 reason=str(exc)[:300],
-                files=len(items),
+                files=len(items) - len(answered),
             )
-            for item in items:
-                self.queue.delivery_failed(item.id, str(exc), transient=exc.transient)
+            for i, item in enumerate(items):
+                if i not in answered:
+                    self.queue.delivery_failed(item.id, f"cannot send: {exc}", transient=transient)
             return
-        except (OSError, ValueError) as exc:
-            for item in items:
-                self.queue.delivery_failed(item.id, f"cannot send: {exc}", transient=True)
-            return
-        sent = 0
-        for item, result in zip(items, results, strict=True):
-            self.audit.record(
-                "delivery",
-                outcome="sent" if result.ok else "refused",
-                destination=destination,
-                job_id=item.job_id,
-                file=item.path.name,
-                status=result.status,
-                reason=result.error,
-            )
-            if result.ok:
-                assert result.status is not None
-                self.queue.delivered(item.id, result.status)
-                sent += 1
-            elif result.status is None:
-                self.queue.delivery_failed(item.id, result.error, transient=False)
-            else:
-                transient = status.is_transient(result.status)
-                self.queue.delivery_failed(
-                    item.id,
-                    f"{destination} answered 0x{result.status:04X}",
-                    transient=transient,
-                    status=result.status,
-                )
         log.info("delivered %d/%d file(s) to %s", sent, len(items), destination)
+
+    def _record(self, destination: str, item: OutboxItem, result: SendResult) -> int:
+        """Record one C-STORE answer in the outbox; returns 1 if it was delivered."""
+        self.audit.record(
+            "delivery",
+            outcome="sent" if result.ok else "refused",
+            destination=destination,
+            job_id=item.job_id,
+            file=item.path.name,
+            status=result.status,
+            reason=result.error,
+        )
+        if result.ok:
+            assert result.status is not None
+            self.queue.delivered(item.id, result.status)
+            return 1
+        if result.status is None:
+            self.queue.delivery_failed(item.id, result.error, transient=False)
+        else:
+            self.queue.delivery_failed(
+                item.id,
+                f"{destination} answered 0x{result.status:04X}",
+                transient=status.is_transient(result.status),
+                status=result.status,
+            )
+        return 0

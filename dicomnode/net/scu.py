@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,27 @@ def echo(peer: Peer, calling_ae: str) -> int:
         assoc.release()
 
 
-def send_files(peer: Peer, paths: Sequence[Path], calling_ae: str) -> list[SendResult]:
-    """C-STORE each file on one association; per-file results, association errors raise."""
+def _report(
+    results: list[SendResult],
+    on_result: Callable[[int, SendResult], None] | None,
+    result: SendResult,
+) -> None:
+    results.append(result)
+    if on_result is not None:
+        on_result(len(results) - 1, result)
+
+
+def send_files(
+    peer: Peer,
+    paths: Sequence[Path],
+    calling_ae: str,
+    on_result: Callable[[int, SendResult], None] | None = None,
+) -> list[SendResult]:
+    """C-STORE each file on one association; per-file results, association errors raise.
+
+    ``on_result(i, result)`` is called as soon as file ``i`` has its answer, so a caller
+    can record it before the next file goes out (a crash then leaves at most one file in
+    doubt) and keeps what was answered when the association is lost later."""
     datasets = [dcmread(p) for p in paths]
     headers = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets]
     assoc = _associate(peer, calling_ae, _contexts(headers))
@@ -136,17 +155,27 @@ def send_files(peer: Peer, paths: Sequence[Path], calling_ae: str) -> list[SendR
                 if cx.abstract_syntax == ds.SOPClassUID
             ]
             if not accepted:
-                results.append(SendResult(path, None, "no accepted presentation context"))
+                _report(
+                    results, on_result, SendResult(path, None, "no accepted presentation context")
+                )
                 continue
             native = str(ds.file_meta.TransferSyntaxUID)
             if native not in accepted and UID(native).is_compressed:
-                results.append(SendResult(path, None, f"peer does not accept {UID(native).name}"))
+                _report(
+                    results,
+                    on_result,
+                    SendResult(path, None, f"peer does not accept {UID(native).name}"),
+                )
                 continue
             rsp = assoc.send_c_store(ds)
             if not assoc.is_established and "Status" not in rsp:
                 raise DeliveryError(f"association with {peer.ae_title} lost", transient=True)
             code = int(rsp.Status) if "Status" in rsp else None
-            results.append(SendResult(path, code, "" if code is not None else "no response"))
+            _report(
+                results,
+                on_result,
+                SendResult(path, code, "" if code is not None else "no response"),
+            )
     finally:
         if assoc.is_established:
             assoc.release()
