@@ -21,7 +21,12 @@ import numpy.typing as npt
 
 from dicomnode.errors import ModelError
 from dicomnode.inference.card import Bundle
-from dicomnode.inference.preprocess import prepare_slices, restore_slices, stack_context
+from dicomnode.inference.preprocess import (
+    SliceGeometry,
+    prepare_slices,
+    restore_slices,
+    stack_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +158,20 @@ class BundleRunner:
         return out
 
     def predict_slices(
-        self, hu: npt.NDArray[np.float32], pixel_spacing: tuple[float, float]
+        self,
+        hu: npt.NDArray[np.float32],
+        pixel_spacing: tuple[float, float],
+        prepared: tuple[npt.NDArray[np.float32], SliceGeometry] | None = None,
     ) -> npt.NDArray[np.float32]:
         """Per-slice output for a (slices, rows, columns) HU volume.
 
         Segmentation: probabilities (channels, slices, rows, columns) on the source grid;
         values below the lowest label threshold may come back as 0.
         Classification: probabilities (slices, channels).
+        ``prepared`` is :func:`prepare_slices` output computed with this card's
+        preprocessing (bundles with the same preprocessing share it).
         """
-        x, geometry = prepare_slices(hu, pixel_spacing, self.card.preprocessing)
+        x, geometry = prepared or prepare_slices(hu, pixel_spacing, self.card.preprocessing)
         context = self.card.input.context_slices
         outputs = []
         for start in range(0, x.shape[0], self.batch_size):

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label
+from dicomnode.inference.preprocess import prepare_slices
 from dicomnode.inference.runner import BundleRunner
 from dicomnode.pipelines.results import (
     AlgorithmInfo,
@@ -109,7 +110,8 @@ class LesionPipeline:
 
     def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
         card = self.segmentation.card
-        probs = self.segmentation.predict_slices(volume.pixels, volume.pixel_spacing)
+        prepared = prepare_slices(volume.pixels, volume.pixel_spacing, card.preprocessing)
+        probs = self.segmentation.predict_slices(volume.pixels, volume.pixel_spacing, prepared)
         segments, findings = [], []
         for number, label in enumerate(card.labels, start=1):
             raw = probs[label.index] >= label.threshold
@@ -125,7 +127,10 @@ class LesionPipeline:
             findings.extend(found)
         classifications = []
         if self.classification is not None:
-            per_slice = self.classification.predict_slices(volume.pixels, volume.pixel_spacing)
+            same = self.classification.card.preprocessing == card.preprocessing
+            per_slice = self.classification.predict_slices(
+                volume.pixels, volume.pixel_spacing, prepared if same else None
+            )
             for label in self.classification.card.labels:
                 column = per_slice[:, label.index]
                 p = float(column.max() if label.aggregation == "max" else column.mean())
