@@ -44,7 +44,9 @@ def run_one(queue: JobQueue, process: ProcessFn, audit: AuditLog | None = None) 
         state = queue.fail(job.id, f"{type(exc).__name__}: {exc}", transient=exc.transient)
         (log.error if state == FAILED else log.warning)("job %d: %s -> %s", job.id, exc, state)
         audit.record("job", job_id=job.id, state=state, error=f"{type(exc).__name__}: {exc}"[:300])
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise  # the process is being stopped: recover() re-queues the job at next start
+    except BaseException as exc:  # e.g. a native decoder's panic (pyo3 PanicException)
         log.exception("job %d crashed", job.id)
         state = queue.fail(job.id, f"unexpected {type(exc).__name__}: {exc}", transient=True)
         log.warning("job %d -> %s", job.id, state)

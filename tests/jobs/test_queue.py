@@ -130,3 +130,20 @@ def test_jobs_of_a_dead_worker_are_requeued_with_backoff(queue: JobQueue) -> Non
     assert queue.release_worker(os.getpid()) == 1
     requeued = queue.get(job_id)
     assert requeued.state == QUEUED and "died" in requeued.last_error
+
+
+def test_a_base_exception_from_a_native_library_does_not_end_the_worker(
+    queue: JobQueue,
+) -> None:
+    from dicomnode.jobs.worker import run_one
+
+    class Panic(BaseException):  # what pyo3 raises when a Rust decoder panics
+        pass
+
+    def process(job: object) -> tuple[list[tuple[str, Path]], str]:
+        raise Panic("decoder panicked")
+
+    job_id = new_job(queue)
+    assert run_one(queue, process) is not None
+    job = queue.get(job_id)
+    assert job.state == QUEUED and "Panic" in job.last_error
