@@ -79,6 +79,15 @@ def start(config: Path, port: int) -> subprocess.Popen[bytes]:
     raise AssertionError("node did not start")
 
 
+def send_study(tmp_path: Path, port: int) -> None:
+    """A small lesion-free phantom, sent as the PACS would; every instance acknowledged."""
+    files = write_phantom(
+        generate_phantom(PhantomSpec(rows=64, columns=64, slices=12, lesions=())),
+        tmp_path / "study",
+    )
+    assert all(r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", port), files, "PACS"))
+
+
 def stop(proc: subprocess.Popen[bytes]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -96,11 +105,7 @@ def test_serve_processes_in_a_worker_process_and_stops_on_sigterm(tmp_path: Path
     proc = start(config, port)
     try:
         # When the PACS sends a study
-        files = write_phantom(
-            generate_phantom(PhantomSpec(rows=64, columns=64, slices=12, lesions=())),
-            tmp_path / "study",
-        )
-        assert all(r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", port), files, "PACS"))
+        send_study(tmp_path, port)
         # Then SEG and SR come back
         assert len(pacs.wait_for(2, timeout=90)) == 2
     finally:
@@ -180,11 +185,7 @@ def test_a_dead_worker_is_replaced_and_the_next_study_processed(tmp_path: Path) 
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         # When a study arrives
-        files = write_phantom(
-            generate_phantom(PhantomSpec(rows=64, columns=64, slices=12, lesions=())),
-            tmp_path / "study",
-        )
-        assert all(r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", port), files, "PACS"))
+        send_study(tmp_path, port)
         # Then a new worker processes it
         assert len(pacs.wait_for(2, timeout=90)) == 2
     finally:

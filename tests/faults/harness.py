@@ -26,20 +26,18 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pydicom import dcmread
 
 from dicomnode.errors import DicomNodeError
 from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scu import Peer, echo
-
-T = TypeVar("T")
+from integration.peers import peer_environment, wait_until
 
 NODE_AE = "DICOMNODE"
 #: A tiny study: 64 x 64 x 10 slices (8 KiB per instance).
@@ -65,22 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def peer_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 # --- studies -------------------------------------------------------------------------
@@ -358,7 +340,7 @@ class Pacs:
                     "+xa",
                     str(self.port),
                 ],
-                env=peer_env(),
+                env=peer_environment(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -427,7 +409,7 @@ def storescu(
         *map(str, files),
     ]
     proc = subprocess.Popen(
-        cmd, env=peer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=peer_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     if popen is not None:
         popen(proc)
