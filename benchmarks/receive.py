@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from dicomnode.config import NodeSettings
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import StorageSCP
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool

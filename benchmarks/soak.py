@@ -23,7 +23,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from dicomnode.imaging.phantom import PhantomSpec  # noqa: E402
+from dicomnode.synthetic.phantom import PhantomSpec  # noqa: E402
 from faults.crash import crash_campaign  # noqa: E402
 from faults.harness import Unavailable  # noqa: E402
 from faults.load import load_campaign  # noqa: E402

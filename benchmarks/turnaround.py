@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dicomnode.demo import PACS_AE, demo_config
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node

@@ -61,7 +61,7 @@ def benchmark(
     import onnxruntime as ort
     import tensorflow as tf
 
-    from dicomnode.imaging.phantom import PhantomSpec, generate_phantom
+    from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
     from dicomnode.inference.card import load_bundle
     from dicomnode.inference.preprocess import prepare_slices
     from dicomnode.models.run import RunFiles

@@ -142,7 +142,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+    from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
     spec = PhantomSpec(
         rows=args.size,

@@ -1,6 +1,6 @@
 """Write a training data folder of synthetic CT series with DICOM SEG ground truth.
 
-Each case is a phantom series from :func:`dicomnode.imaging.phantom.generate_phantom`
+Each case is a phantom series from :func:`dicomnode.synthetic.phantom.generate_phantom`
 plus a binary DICOM Segmentation (PS3.3 A.51) of its lesions, built with highdicom from
 the phantom's exact mask -- the same kind of object the node writes and a radiologist
 sends back.  Cases vary lesion count, size and contrast, noise, pixel spacing, slice
@@ -31,7 +31,7 @@ import numpy as np
 from pydicom.sr.coding import Code as PydicomCode
 
 from dicomnode.errors import ImagingError
-from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 log = logging.getLogger(__name__)
 

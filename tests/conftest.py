@@ -27,7 +27,7 @@ from dicomnode.config import (
     RetrySettings,
     Route,
 )
-from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.node import Node
 from dicomnode.routing.rules import parse_rule

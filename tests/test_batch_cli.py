@@ -11,7 +11,7 @@ from pydicom import dcmread
 from dicomnode.batch import RESULT_FILE, run_batch
 from dicomnode.cli import main
 from dicomnode.config import Config, PipelineSettings, Route
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.routing.rules import parse_rule
 from fixtures_models import max_classifier, threshold_segmenter
 

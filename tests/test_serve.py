@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import load_config
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.jobs.queue import JobQueue
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files

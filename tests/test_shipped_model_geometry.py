@@ -12,7 +12,7 @@ from pydicom import dcmread
 
 from dicomnode.config import Config, PipelineSettings, builtin_bundle
 from dicomnode.demo import dice, read_seg_mask
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.imaging.series import load_volume
 from dicomnode.processing import Processor
 

@@ -35,7 +35,7 @@ from typing import Any
 from pydicom import dcmread
 
 from dicomnode.errors import DicomNodeError
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scu import Peer, echo
 from integration.peers import peer_environment, wait_until
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomnode.imaging.phantom import PhantomSpec
+from dicomnode.synthetic.phantom import PhantomSpec
 
 from .harness import (
     TINY,

@@ -21,7 +21,7 @@ from pydicom import dcmread
 
 from dicomnode.audit import read_audit
 from dicomnode.config import Remote, RetrySettings
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node

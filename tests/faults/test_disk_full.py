@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.imaging.phantom import PhantomSpec
+from dicomnode.synthetic.phantom import PhantomSpec
 
 from .load import load_campaign
 

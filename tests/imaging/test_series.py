@@ -23,7 +23,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from dicomnode.errors import ImagingError
-from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.imaging.series import load_volume, volume_from_datasets
 from dicomnode.imaging.volume import Volume
 

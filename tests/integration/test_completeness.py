@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node

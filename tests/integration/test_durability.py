@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import RetrySettings
-from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node

@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Remote
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.synthetic.phantom import Phantom
 from dicomnode.node import Node
 from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
 

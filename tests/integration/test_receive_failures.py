@@ -23,7 +23,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.node import Node

@@ -31,7 +31,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomnode.imaging.phantom import Phantom
+from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.outputs.validate import run_dciodvfy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import RetrySettings, Route
-from dicomnode.imaging.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.jobs.queue import JobQueue
 from dicomnode.jobs.scheduler import Scheduler
 from dicomnode.routing.rules import parse_rule

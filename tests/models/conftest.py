@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dicomnode.imaging.phantom import Lesion, PhantomSpec, generate_phantom
+from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 from dicomnode.models.recipe import Recipe, load_recipe, parse_recipe
 from dicomnode.models.synthetic import write_case
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 import dicomnode.models
-from dicomnode.imaging.phantom import Lesion, PhantomSpec, generate_phantom
+from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 from dicomnode.inference.card import Bundle, load_bundle
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.models import metrics

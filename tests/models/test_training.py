@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from dicomnode.converters.export import default_parity_inputs, export_checkpoint, write_bundle
-from dicomnode.imaging.phantom import Lesion, generate_phantom
+from dicomnode.synthetic.phantom import Lesion, generate_phantom
 from dicomnode.inference.card import load_bundle
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.models.architectures import build_classifier

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.imaging.phantom import Lesion, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Lesion, generate_phantom, write_phantom
 from dicomnode.models.data import load_case, load_cases, read_label_mask, scan_folder
 from dicomnode.models.recipe import load_recipe
 from dicomnode.models.synthetic import build_segmentation, write_case

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicomnode.imaging.phantom import Phantom, PhantomSpec, generate_phantom
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom
 from dicomnode.imaging.series import volume_from_datasets
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label

@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 
 from dicomnode.errors import ImagingError
-from dicomnode.imaging.phantom import (
+from dicomnode.synthetic.phantom import (
     LUNG_HU,
     Lesion,
     PhantomSpec,
