@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from dicomnode.config import NodeSettings
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import StorageSCP
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from dicomnode.demo import PACS_AE, demo_config
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 
 def one_run(work: Path, files: list[Path], quiet: float) -> tuple[float, float, float]:

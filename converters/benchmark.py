@@ -61,16 +61,22 @@ def benchmark(
     import onnxruntime as ort
     import tensorflow as tf
 
-    from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
     from dicomnode.inference.card import load_bundle
     from dicomnode.inference.preprocess import prepare_slices
     from dicomnode.models.run import RunFiles
+    from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 
     bundle = load_bundle(bundle_dir)
     card = bundle.card
     phantom = generate_phantom(
-        PhantomSpec(rows=matrix, columns=matrix, slices=slices,
-                    pixel_spacing=(spacing_mm, spacing_mm), slice_thickness=1.0, seed=3)
+        PhantomSpec(
+            rows=matrix,
+            columns=matrix,
+            slices=slices,
+            pixel_spacing=(spacing_mm, spacing_mm),
+            slice_thickness=1.0,
+            seed=3,
+        )
     )
     start = time.perf_counter()
     x, _ = prepare_slices(phantom.hu, phantom.spec.pixel_spacing, card.preprocessing)
@@ -82,15 +88,19 @@ def benchmark(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(bundle.model_path), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(bundle.model_path), options, providers=["CPUExecutionProvider"]
+    )
 
     def run_ort() -> list[npt.NDArray[np.float32]]:
-        return [session.run([card.output.name], {card.input.name: nchw[i : i + batch]})[0]
-                for i in range(0, len(nchw), batch)]
+        return [
+            session.run([card.output.name], {card.input.name: nchw[i : i + batch]})[0]
+            for i in range(0, len(nchw), batch)
+        ]
 
-    model = keras.saving.load_model(RunFiles.locate(run_dir).checkpoint_path(run_dir),
-                                    compile=False)
+    model = keras.saving.load_model(
+        RunFiles.locate(run_dir).checkpoint_path(run_dir), compile=False
+    )
     channels = int(model.inputs[0].shape[-1])
     forward = tf.function(
         lambda t: model(t, training=False),
@@ -98,8 +108,9 @@ def benchmark(
     )
 
     def run_tf() -> list[npt.NDArray[np.float32]]:
-        return [forward(tf.constant(nhwc[i : i + batch])).numpy()
-                for i in range(0, len(nhwc), batch)]
+        return [
+            forward(tf.constant(nhwc[i : i + batch])).numpy() for i in range(0, len(nhwc), batch)
+        ]
 
     y_ort = np.concatenate(run_ort())
     y_tf = np.concatenate(run_tf())
@@ -109,8 +120,13 @@ def benchmark(
     ratios = [t / o for t, o in zip(tf_s, ort_s, strict=True)]
     return {
         "bundle": card.name,
-        "input": {"slices": slices, "matrix": matrix, "spacing_mm": spacing_mm,
-                  "model_input": list(nchw.shape), "batch": batch},
+        "input": {
+            "slices": slices,
+            "matrix": matrix,
+            "spacing_mm": spacing_mm,
+            "model_input": list(nchw.shape),
+            "batch": batch,
+        },
         "cpu_count": os.cpu_count(),
         "preprocess_s": prep_s,
         "onnxruntime_s": _stats(ort_s),
@@ -122,8 +138,9 @@ def benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dicomnode.converters.benchmark",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dicomnode.converters.benchmark", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("bundle", type=Path)
     parser.add_argument("run", type=Path, help="the training run (or .keras) it was exported from")
     parser.add_argument("--slices", type=int, default=300)
@@ -132,8 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all)")
     args = parser.parse_args(argv)
-    result = benchmark(args.bundle, args.run, slices=args.slices, matrix=args.matrix,
-                       batch=args.batch, repeats=args.repeats, threads=args.threads)
+    result = benchmark(
+        args.bundle,
+        args.run,
+        slices=args.slices,
+        matrix=args.matrix,
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -23,11 +23,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, Remote, default_config_path, load_config
-from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.imaging.series import load_volume
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 log = logging.getLogger(__name__)
 

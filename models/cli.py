@@ -40,11 +40,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """``dicomnode train``: train a model from a recipe on a folder of DICOM + SEG."""
     parser = argparse.ArgumentParser(prog="dicomnode train", description=train_main.__doc__)
     parser.add_argument("recipe", help="recipe TOML file, or the name of a shipped recipe")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder of image series and DICOM SEG labels")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of image series and DICOM SEG labels"
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
-    parser.add_argument("--test-data", type=Path,
-                        help="held-out folder to evaluate on (default: the validation cases)")
+    parser.add_argument(
+        "--test-data",
+        type=Path,
+        help="held-out folder to evaluate on (default: the validation cases)",
+    )
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--steps", type=int, help="override the recipe's steps per epoch")
     parser.add_argument("--max-cases", type=int, help="use at most this many cases")
@@ -56,8 +60,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     _logging()
     from dicomnode.models.train import train
 
-    info = train(recipe, args.data, args.out, test_dir=args.test_data, epochs=args.epochs,
-                 steps_per_epoch=args.steps, max_cases=args.max_cases)
+    info = train(
+        recipe,
+        args.data,
+        args.out,
+        test_dir=args.test_data,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        max_cases=args.max_cases,
+    )
     print(json.dumps({"wall_time_s": info["wall_time_s"], **info["headline"]}, indent=1))
     return 0
 
@@ -65,13 +76,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``dicomnode evaluate``: metrics and plots of a bundle or a training run on DICOM + SEG."""
     parser = argparse.ArgumentParser(prog="dicomnode evaluate", description=evaluate_main.__doc__)
-    parser.add_argument("model", type=Path,
-                        help="bundle folder (run with ONNX Runtime) or run folder / .keras file")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder of image series and DICOM SEG labels")
+    parser.add_argument(
+        "model", type=Path, help="bundle folder (run with ONNX Runtime) or run folder / .keras file"
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of image series and DICOM SEG labels"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and PNGs")
-    parser.add_argument("--min-area-mm2", type=float,
-                        help="classification: slices with less (non-zero) lesion are ambiguous")
+    parser.add_argument(
+        "--min-area-mm2",
+        type=float,
+        help="classification: slices with less (non-zero) lesion are ambiguous",
+    )
     args = parser.parse_args(argv)
     _logging()
     from dicomnode.inference.card import CARD_FILE, load_bundle
@@ -119,20 +135,30 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicomnode export", description=export_main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="training run folder or its .keras file")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    parser.add_argument("--tolerance", type=float,
-                        help="max abs TF-vs-ONNX difference (default: the recipe's)")
+    parser.add_argument(
+        "--tolerance", type=float, help="max abs TF-vs-ONNX difference (default: the recipe's)"
+    )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the recipe's)")
     args = parser.parse_args(argv)
     require_training_extra("tf2onnx", "onnx")
     _logging()
     from dicomnode.converters.export import export_checkpoint
 
-    bundle = export_checkpoint(args.checkpoint, args.out, tolerance=args.tolerance,
-                               opset=args.opset)
+    bundle = export_checkpoint(
+        args.checkpoint, args.out, tolerance=args.tolerance, opset=args.opset
+    )
     parity = bundle.card.parity
-    print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.card.sha256,
-                      "opset": bundle.card.opset, "max_abs_diff": parity["max_abs_diff"]},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "bundle": str(bundle.path),
+                "sha256": bundle.card.sha256,
+                "opset": bundle.card.opset,
+                "max_abs_diff": parity["max_abs_diff"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -84,14 +84,13 @@ def predict_case(predictor: Predictor, case: Case, spec: EvalSpec) -> npt.NDArra
     """Probabilities of a case: (slices, rows, columns, labels) or (slices, labels)."""
     x, geometry = prepare_slices(case.hu, case.pixel_spacing, spec.preprocessing)
     stack = context_stack(x, spec.context_slices)
-    outputs = [predictor(stack[i : i + spec.batch_size])
-               for i in range(0, len(stack), spec.batch_size)]
+    outputs = [
+        predictor(stack[i : i + spec.batch_size]) for i in range(0, len(stack), spec.batch_size)
+    ]
     y = np.concatenate(outputs, axis=0)
     if spec.task == "classification":
         return y
-    return np.stack(
-        [restore_slices(y[..., c], geometry) for c in range(y.shape[-1])], axis=-1
-    )
+    return np.stack([restore_slices(y[..., c], geometry) for c in range(y.shape[-1])], axis=-1)
 
 
 def evaluate_segmentation(
@@ -170,8 +169,7 @@ def evaluate_classification(
             study_s[c].append(float(agg(prob[:, c])))
             row[label.name] = {"study_probability": study_s[c][-1], "present": study_y[c][-1]}
         rows.append(row)
-    summary: dict[str, Any] = {"cases": len(cases), "min_area_mm2": spec.min_area_mm2,
-                               "labels": {}}
+    summary: dict[str, Any] = {"cases": len(cases), "min_area_mm2": spec.min_area_mm2, "labels": {}}
     raw: dict[str, Any] = {}
     for c, label in enumerate(spec.labels):
         y, s = np.concatenate(slice_y[c]), np.concatenate(slice_s[c])

@@ -28,8 +28,13 @@ def plot_roc(labels: npt.ArrayLike, scores: npt.ArrayLike, auc: float | None, pa
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     ax.plot(fpr, tpr, lw=2, label=f"ROC (AUC = {auc:.4f})" if auc is not None else "ROC")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title="Slice-level ROC")
+    ax.set(
+        xlabel="False positive rate",
+        ylabel="True positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title="Slice-level ROC",
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
@@ -43,11 +48,18 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.6), dpi=100)
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center",
-                color="white" if v > cm.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["absent", "present"],
-           yticklabels=["absent", "present"], xlabel="Predicted", ylabel="Truth",
-           title="Confusion matrix")
+        ax.text(
+            j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black"
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["absent", "present"],
+        yticklabels=["absent", "present"],
+        xlabel="Predicted",
+        ylabel="Truth",
+        title="Confusion matrix",
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -66,7 +78,7 @@ def plot_overlays(examples: Sequence[tuple[Any, npt.NDArray[np.bool_]]], path: P
             ax.contour(pred[k, ..., 0], levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(f"{case.case_id} slice {k}", fontsize=8)
         ax.axis("off")
-    for ax in axes[0][len(examples):]:
+    for ax in axes[0][len(examples) :]:
         ax.axis("off")
     fig.suptitle("truth (green) vs prediction (red)", fontsize=9)
     fig.tight_layout()
@@ -86,8 +98,12 @@ def plot_dice_by_radius(summary: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     ax.bar(x - 0.2, dice, 0.4, label="lesion Dice")
     ax.bar(x + 0.2, sens, 0.4, label="sensitivity")
-    ax.set(xticks=x, xticklabels=[f"{k}\n(n={buckets[k]['lesions']})" for k in names],
-           ylim=(0, 1.05), title="Lesion-level results by radius")
+    ax.set(
+        xticks=x,
+        xticklabels=[f"{k}\n(n={buckets[k]['lesions']})" for k in names],
+        ylim=(0, 1.05),
+        title="Lesion-level results by radius",
+    )
     ax.axhline(0.9, ls="--", color="grey", lw=1)
     ax.legend(loc="lower right")
     fig.tight_layout()

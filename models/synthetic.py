@@ -67,8 +67,11 @@ def draw_spec(index: int, seed: int, config: SyntheticConfig) -> PhantomSpec:
     thickness = round(float(rng.uniform(*config.slice_thickness_mm)), 2)
     slices = int(np.clip(round(rng.uniform(*config.slab_mm) / thickness), 8, config.max_slices))
     negative = rng.uniform() < config.negative_fraction
-    n_lesions = 0 if negative else int(rng.integers(config.lesions_per_case[0],
-                                                    config.lesions_per_case[1] + 1))
+    n_lesions = (
+        0
+        if negative
+        else int(rng.integers(config.lesions_per_case[0], config.lesions_per_case[1] + 1))
+    )
     hu_lo = float(rng.uniform(config.lesion_hu[0], config.lesion_hu[1] - 50.0))
     return PhantomSpec(
         rows=matrix,
@@ -178,7 +181,11 @@ def write_dataset(
         manifest.append(entry)
         log.info(
             "case %d/%d: %s %s, %d lesion(s)",
-            index + 1, cases, phantom.spec.orientation, entry["matrix"], len(phantom.lesions),
+            index + 1,
+            cases,
+            phantom.spec.orientation,
+            entry["matrix"],
+            len(phantom.lesions),
         )
     summary = {"seed": seed, "cases": cases, "config": asdict(config), "manifest": manifest}
     (out / "manifest.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -193,8 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cases", type=int, default=48, help="number of cases (default 48)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--negative-fraction", type=float, default=0.2,
-                        help="fraction of cases without lesions (default 0.2)")
+    parser.add_argument(
+        "--negative-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of cases without lesions (default 0.2)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -108,8 +108,7 @@ class _EpochSummaries(keras.callbacks.Callback):
             run = "validation" if key.startswith("val_") else "train"
             tag = "epoch_" + key.removeprefix("val_")
             with self.writers[run].as_default():
-                tf.summary.write(tag, tf.constant(float(value)), step=epoch,
-                                 metadata=self.metadata)
+                tf.summary.write(tag, tf.constant(float(value)), step=epoch, metadata=self.metadata)
         for writer in self.writers.values():
             writer.flush()
 
@@ -123,10 +122,12 @@ class _Progress(keras.callbacks.Callback):
         self.start = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items())
-                          if isinstance(v, float | int))
-        log.info("epoch %d/%d (%.0f s): %s", epoch + 1, self.total,
-                 time.monotonic() - self.start, shown)
+        shown = ", ".join(
+            f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float | int)
+        )
+        log.info(
+            "epoch %d/%d (%.0f s): %s", epoch + 1, self.total, time.monotonic() - self.start, shown
+        )
 
 
 def describe_data(data_dir: Path, cases: Sequence[Case], train: list[int], val: list[int]) -> str:
@@ -203,7 +204,9 @@ def train(
         keras.callbacks.ModelCheckpoint(run.best, monitor="val_loss", save_best_only=True),
         keras.callbacks.ModelCheckpoint(run.last),
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=t.early_stopping_patience, min_delta=t.min_delta,
+            monitor="val_loss",
+            patience=t.early_stopping_patience,
+            min_delta=t.min_delta,
             restore_best_weights=True,
         ),
         keras.callbacks.ReduceLROnPlateau(
@@ -250,7 +253,10 @@ def train(
         "headline": result["summary"]["headline"],
     }
     run.training.write_text(json.dumps(info, indent=1) + "\n")
-    log.info("training done in %.0f s (best epoch %d); %s", train_time, best_epoch,
-             json.dumps(info["headline"]))
+    log.info(
+        "training done in %.0f s (best epoch %d); %s",
+        train_time,
+        best_epoch,
+        json.dumps(info["headline"]),
+    )
     return info
-

@@ -27,10 +27,10 @@ from dicomnode.config import (
     RetrySettings,
     Route,
 )
-from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.node import Node
 from dicomnode.routing.rules import parse_rule
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
 
 #: Debian package of each peer tool, for the message of a missing one.

@@ -11,8 +11,8 @@ from pydicom import dcmread
 from dicomnode.batch import RESULT_FILE, run_batch
 from dicomnode.cli import main
 from dicomnode.config import Config, PipelineSettings, Route
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.routing.rules import parse_rule
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

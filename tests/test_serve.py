@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import load_config
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.jobs.queue import JobQueue
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.spool.index import Index
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
 
 

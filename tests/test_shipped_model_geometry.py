@@ -12,17 +12,16 @@ from pydicom import dcmread
 
 from dicomnode.config import Config, PipelineSettings, builtin_bundle
 from dicomnode.demo import dice, read_seg_mask
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.imaging.series import load_volume
 from dicomnode.processing import Processor
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 CASES = {
     "axial": PhantomSpec(slices=40, seed=21),
     "reversed": PhantomSpec(slices=40, seed=22, reverse_order=True),
     "non-square pixels": PhantomSpec(slices=40, seed=23, pixel_spacing=(1.2, 1.6)),
     "coronal": PhantomSpec(slices=48, seed=24, orientation="coronal"),
-    "oblique reversed": PhantomSpec(slices=40, seed=25, orientation="oblique",
-                                    reverse_order=True),
+    "oblique reversed": PhantomSpec(slices=40, seed=25, orientation="oblique", reverse_order=True),
 }
 
 

@@ -19,8 +19,10 @@ from dicomnode.models.recipe import load_recipe, parse_recipe
 pytestmark = pytest.mark.train
 
 RNG = np.random.default_rng(7)
-INPUTS = [RNG.uniform(0, 1, (2, 32, 48, 1)).astype(np.float32),
-          RNG.uniform(0, 1, (1, 64, 16, 1)).astype(np.float32)]
+INPUTS = [
+    RNG.uniform(0, 1, (2, 32, 48, 1)).astype(np.float32),
+    RNG.uniform(0, 1, (1, 64, 16, 1)).astype(np.float32),
+]
 
 
 def small_recipe(**export_section: float) -> object:
@@ -41,8 +43,15 @@ def test_parity_passes_for_the_converted_model() -> None:
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 1, "height", "width"]
     assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {17}
-    report = check_parity(model, proto.SerializeToString(), INPUTS, input_name="image",
-                          input_layout="NCHW", output_layout="NCHW", tolerance=1e-4)
+    report = check_parity(
+        model,
+        proto.SerializeToString(),
+        INPUTS,
+        input_name="image",
+        input_layout="NCHW",
+        output_layout="NCHW",
+        tolerance=1e-4,
+    )
     assert report.passed and report.max_abs_diff < 1e-5 and report.inputs == 2
 
 
@@ -50,17 +59,24 @@ def test_parity_refuses_another_models_graph() -> None:
     model = build_unet(base_filters=4, depth=2)
     onnx_bytes = export.convert_keras(model, opset=17, task="segmentation").SerializeToString()
     with pytest.raises(ParityError, match="exceeds tolerance"):
-        check_parity(perturbed(model), onnx_bytes, INPUTS, input_name="image",
-                     input_layout="NCHW", output_layout="NCHW", tolerance=1e-4)
+        check_parity(
+            perturbed(model),
+            onnx_bytes,
+            INPUTS,
+            input_name="image",
+            input_layout="NCHW",
+            output_layout="NCHW",
+            tolerance=1e-4,
+        )
 
 
-def test_exporter_writes_nothing_when_parity_fails(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_exporter_writes_nothing_when_parity_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # Given a converter whose graph does not match the Keras model (a perturbed copy)
     model = build_unet(base_filters=4, depth=2)
     real_convert = export.convert_keras
-    monkeypatch.setattr(export, "convert_keras",
-                        lambda m, **kw: real_convert(perturbed(m), **kw))
+    monkeypatch.setattr(export, "convert_keras", lambda m, **kw: real_convert(perturbed(m), **kw))
     out = tmp_path / "bundle"
     # when the bundle is exported, then it is refused and no file is left behind.
     with pytest.raises(ParityError):
@@ -70,15 +86,23 @@ def test_exporter_writes_nothing_when_parity_fails(monkeypatch: pytest.MonkeyPat
 
 def test_impossible_tolerance_is_refused_and_recorded_when_met(tmp_path: Path) -> None:
     model = build_unet(base_filters=4, depth=2)
-    report = measure_parity(model, export.convert_keras(model, task="segmentation")
-                            .SerializeToString(), INPUTS, input_name="image",
-                            input_layout="NCHW", output_layout="NCHW", tolerance=0.0)
+    report = measure_parity(
+        model,
+        export.convert_keras(model, task="segmentation").SerializeToString(),
+        INPUTS,
+        input_name="image",
+        input_layout="NCHW",
+        output_layout="NCHW",
+        tolerance=0.0,
+    )
     if report.max_abs_diff > 0:  # float reordering between TF and ORT: tolerance 0 fails
         with pytest.raises(ParityError):
-            export.write_bundle(model, tmp_path / "zero", recipe=small_recipe(tolerance=0.0),
-                                parity_inputs=INPUTS)
-    bundle = export.write_bundle(model, tmp_path / "ok", recipe=small_recipe(tolerance=1e-4),
-                                 parity_inputs=INPUTS)
+            export.write_bundle(
+                model, tmp_path / "zero", recipe=small_recipe(tolerance=0.0), parity_inputs=INPUTS
+            )
+    bundle = export.write_bundle(
+        model, tmp_path / "ok", recipe=small_recipe(tolerance=1e-4), parity_inputs=INPUTS
+    )
     card = load_bundle(bundle.path).card
     assert card.parity["tolerance"] == 1e-4 and card.parity["passed"] is True
     assert onnx.load(str(bundle.model_path)).graph.output[0].name == card.output.name

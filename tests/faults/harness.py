@@ -35,8 +35,8 @@ from typing import Any
 from pydicom import dcmread
 
 from dicomnode.errors import DicomNodeError
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scu import Peer, echo
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from integration.peers import peer_environment, wait_until
 
 NODE_AE = "DICOMNODE"

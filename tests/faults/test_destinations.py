@@ -21,10 +21,10 @@ from pydicom import dcmread
 
 from dicomnode.audit import read_audit
 from dicomnode.config import Remote, RetrySettings
-from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import Phantom
 
 from .harness import AnsweringSCP, Pacs, SilentListener, free_port, jobs_cli, wait_until
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 from .harness import IndexView, fill
 

@@ -21,10 +21,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 
 from .harness import NODE_AE, SEND_TIMEOUT_S, Tally, watching
 

@@ -23,9 +23,9 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from dicomnode.errors import ImagingError
-from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.imaging.series import load_volume, volume_from_datasets
 from dicomnode.imaging.volume import Volume
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 BASE = {"rows": 96, "columns": 96, "slices": 40, "pixel_spacing": (3.5, 3.5), "slice_thickness": 4}
 

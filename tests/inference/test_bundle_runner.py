@@ -112,17 +112,23 @@ def test_context_slices_feed_each_slice_with_its_neighbours(tmp_path: Path) -> N
 
     w = numpy_helper.from_array(np.array([-1.0, 0.0, 1.0], np.float32).reshape(1, 3, 1, 1), "w")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w"], ["out"])], "ctx",
+        [helper.make_node("Conv", ["image", "w"], ["out"])],
+        "ctx",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, "H", "W"])], [w])
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     bundle = threshold_segmenter(tmp_path / "b")
     onnx.save(model, bundle / "model.onnx")
-    edit_card(bundle, sha256=sha256_file(bundle / "model.onnx"),
-              input={"name": "image", "layout": "NCHW", "context_slices": 3},
-              output={"name": "out", "activation": "none", "layout": "NCHW"},
-              preprocessing={"window_min": 0, "window_max": 100, "target_spacing_mm": None})
+    edit_card(
+        bundle,
+        sha256=sha256_file(bundle / "model.onnx"),
+        input={"name": "image", "layout": "NCHW", "context_slices": 3},
+        output={"name": "out", "activation": "none", "layout": "NCHW"},
+        preprocessing={"window_min": 0, "window_max": 100, "target_spacing_mm": None},
+    )
     card = json.loads((bundle / "card.json").read_text())
     card["labels"][0]["threshold"] = 0.01
     (bundle / "card.json").write_text(json.dumps(card))

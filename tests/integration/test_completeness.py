@@ -14,10 +14,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import Phantom
 
 from .peers import describe_jobs, wait_until
 

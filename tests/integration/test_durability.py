@@ -17,10 +17,10 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import RetrySettings
-from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 from .peers import (
     COMPREHENSIVE_3D_SR_CLASS,

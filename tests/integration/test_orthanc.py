@@ -15,9 +15,9 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Remote
-from dicomnode.synthetic.phantom import Phantom
 from dicomnode.node import Node
 from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
+from dicomnode.synthetic.phantom import Phantom
 
 from .peers import COMPREHENSIVE_3D_SR_CLASS, SEG_CLASS, Orthanc, describe_jobs, wait_until
 

@@ -31,9 +31,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.outputs.validate import run_dciodvfy
+from dicomnode.synthetic.phantom import Phantom
 
 from .peers import (
     COMPREHENSIVE_3D_SR_CLASS,

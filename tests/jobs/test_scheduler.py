@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import RetrySettings, Route
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from dicomnode.jobs.queue import JobQueue
 from dicomnode.jobs.scheduler import Scheduler
 from dicomnode.routing.rules import parse_rule
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
+from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 ROUTES = (Route("ct", "lesion", ("pacs",), parse_rule([{"Modality": "CT"}])),)
 MR_ONLY = (Route("mr", "lesion", ("pacs",), parse_rule([{"Modality": "MR"}])),)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 from dicomnode.models.recipe import Recipe, load_recipe, parse_recipe
 from dicomnode.models.synthetic import write_case
+from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 
 #: Small, coarse phantoms (64 x 64 at 5 mm) so a whole case is cheap to train and export.
 TINY = dict(rows=64, columns=64, slices=8, pixel_spacing=(5.0, 5.0), slice_thickness=6.0)
@@ -33,8 +33,10 @@ def tiny_spec(index: int, lesions: tuple[Lesion, ...] = (), **over: Any) -> Phan
 
 TINY_LESIONS = (
     (Lesion(center_mm=(70.0, -5.0, 0.0), radius_mm=14.0, hu=40.0),),
-    (Lesion(center_mm=(-70.0, 10.0, 5.0), radius_mm=12.0, hu=-100.0),
-     Lesion(center_mm=(75.0, -20.0, -4.0), radius_mm=10.0, hu=60.0)),
+    (
+        Lesion(center_mm=(-70.0, 10.0, 5.0), radius_mm=12.0, hu=-100.0),
+        Lesion(center_mm=(75.0, -20.0, -4.0), radius_mm=10.0, hu=60.0),
+    ),
     (),
     (Lesion(center_mm=(-65.0, -25.0, 0.0), radius_mm=13.0, hu=0.0),),
 )
@@ -69,8 +71,9 @@ def tiny_recipe(name: str, **sections: dict[str, Any]) -> Recipe:
     data = tomllib.loads(load_recipe(name).source)
     data["model"].update(base_filters=4, depth=2)
     data["preprocessing"]["target_spacing_mm"] = 5.0
-    data["data"].update(patch_size=32, batch_size=4, validation_slices_per_case=4,
-                        validation_fraction=0.25)
+    data["data"].update(
+        patch_size=32, batch_size=4, validation_slices_per_case=4, validation_fraction=0.25
+    )
     data["training"].update(epochs=1, steps_per_epoch=2, early_stopping_patience=1)
     for key, values in sections.items():
         data.setdefault(key, {}).update(values)

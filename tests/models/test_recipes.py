@@ -42,8 +42,9 @@ def test_shipped_recipes_load_with_their_codes() -> None:
         ("preprocessing", "context_slices", 2, "odd"),
     ],
 )
-def test_bad_recipes_are_refused_naming_the_key(section: str, key: str, value: object,
-                                                message: str) -> None:
+def test_bad_recipes_are_refused_naming_the_key(
+    section: str, key: str, value: object, message: str
+) -> None:
     data = shipped("lesion_seg")
     data[section][key] = value
     with pytest.raises(ConfigError, match=message):

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 
 import dicomnode.models
-from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 from dicomnode.inference.card import Bundle, load_bundle
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.models import metrics
+from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom
 
 BUNDLES = Path(dicomnode.models.__file__).parent / "bundles"
 MAX_BUNDLE_BYTES = 5 * 2**20

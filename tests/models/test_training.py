@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 
 from dicomnode.converters.export import default_parity_inputs, export_checkpoint, write_bundle
-from dicomnode.synthetic.phantom import Lesion, generate_phantom
 from dicomnode.inference.card import load_bundle
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.models.architectures import build_classifier
@@ -28,6 +27,7 @@ from dicomnode.models.data import (
     training_dataset,
 )
 from dicomnode.models.run import RunFiles
+from dicomnode.synthetic.phantom import Lesion, generate_phantom
 
 pytestmark = [
     pytest.mark.train,
@@ -37,8 +37,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def seg_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory,
-            make_recipe: Callable[..., Any]) -> Path:
+def seg_run(
+    tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, make_recipe: Callable[..., Any]
+) -> Path:
     """A two-step training run of the (shrunk) segmentation recipe through the CLI."""
     folder = tmp_path_factory.mktemp("runs")
     recipe = folder / "tiny_seg.toml"
@@ -85,12 +86,15 @@ def test_export_parity_load_and_infer_on_a_phantom(
     assert restore_slices(y[:, 0], geometry).shape == phantom.hu.shape
 
 
-def test_evaluate_a_bundle_with_onnx_runtime(seg_run: Path, tiny_data: Path,
-                                             tmp_path: Path) -> None:
+def test_evaluate_a_bundle_with_onnx_runtime(
+    seg_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     bundle_dir = tmp_path / "bundle"
     export_checkpoint(seg_run, bundle_dir)
-    assert evaluate_main([str(bundle_dir), "--data", str(tiny_data), "--out",
-                          str(tmp_path / "eval")]) == 0
+    assert (
+        evaluate_main([str(bundle_dir), "--data", str(tiny_data), "--out", str(tmp_path / "eval")])
+        == 0
+    )
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["summary"]["cases"] == 4 and len(result["cases"]) == 4
 
@@ -102,8 +106,9 @@ def test_classifier_bundle_outputs_slice_probabilities(
     model = build_classifier(base_filters=4, depth=2)
     rng = np.random.default_rng(0)
     held_out = rng.uniform(0, 1, (4, 64, 64, 1)).astype(np.float32)
-    bundle = write_bundle(model, tmp_path / "cls", recipe=recipe,
-                          parity_inputs=default_parity_inputs(held_out))
+    bundle = write_bundle(
+        model, tmp_path / "cls", recipe=recipe, parity_inputs=default_parity_inputs(held_out)
+    )
     card = load_bundle(bundle.path).card
     assert card.task == "classification" and card.output.layout == "NC"
     case = load_cases(tiny_data, recipe.labels)[0]
@@ -136,9 +141,15 @@ def test_training_stream_is_deterministic_and_binary(
     prepared = [prepare_case(c, recipe.preprocessing) for c in load_cases(tiny_data, recipe.labels)]
 
     def first_batches(seed: int) -> list[np.ndarray]:
-        sampler = PatchSampler(prepared, task="segmentation", patch_size=32, context=1,
-                               positive_fraction=0.5, min_area_mm2=0.0,
-                               fill=fill_value(recipe.preprocessing))
+        sampler = PatchSampler(
+            prepared,
+            task="segmentation",
+            patch_size=32,
+            context=1,
+            positive_fraction=0.5,
+            min_area_mm2=0.0,
+            fill=fill_value(recipe.preprocessing),
+        )
         batches = training_dataset(sampler, recipe, seed).take(2)
         return [a.numpy() for xy in batches for a in xy]
 
@@ -155,8 +166,14 @@ def test_augmentation_moves_image_and_label_together(make_recipe: Callable[..., 
     y[5:15, 8:20] = 1.0
     x = y * 0.75  # the image is its own label
     for s in range(6):
-        xa, ya = augment(tf.constant(x), tf.constant(y), tf.constant([3, s], tf.int64),
-                         task="segmentation", data=recipe.data, fill=0.0)
+        xa, ya = augment(
+            tf.constant(x),
+            tf.constant(y),
+            tf.constant([3, s], tf.int64),
+            task="segmentation",
+            data=recipe.data,
+            fill=0.0,
+        )
         np.testing.assert_array_equal(ya.numpy(), (xa.numpy() >= 0.375).astype(np.float32))
 
 
@@ -169,7 +186,9 @@ def test_same_seed_same_weights(seg_run: Path, tiny_data: Path, tmp_path: Path) 
     # Given the module's run, when the same recipe trains again on the same data
     train(load_recipe(RunFiles(seg_run).recipe), tiny_data, tmp_path / "again")
     # then every weight is bit-identical.
-    first, again = (keras.saving.load_model(RunFiles(p).last, compile=False).get_weights()
-                    for p in (seg_run, tmp_path / "again"))
+    first, again = (
+        keras.saving.load_model(RunFiles(p).last, compile=False).get_weights()
+        for p in (seg_run, tmp_path / "again")
+    )
     for u, v in zip(first, again, strict=True):
         np.testing.assert_array_equal(u, v)

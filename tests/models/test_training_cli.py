@@ -23,11 +23,18 @@ def test_importing_the_cli_does_not_import_tensorflow() -> None:
 
 
 @pytest.mark.parametrize("main", [cli.train_main, cli.export_main])
-def test_missing_train_extra_names_the_extra(main: object, monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: object) -> None:
+def test_missing_train_extra_names_the_extra(
+    main: object, monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorflow" else real(name, *a),
+    )
     with pytest.raises(MissingExtraError, match=r"dicomnode\[train\]"):
-        main(["lesion_seg", "--data", str(tmp_path), "--out", str(tmp_path)]
-             if main is cli.train_main else [str(tmp_path), "--out", str(tmp_path)])
+        main(
+            ["lesion_seg", "--data", str(tmp_path), "--out", str(tmp_path)]
+            if main is cli.train_main
+            else [str(tmp_path), "--out", str(tmp_path)]
+        )

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.synthetic.phantom import Lesion, generate_phantom, write_phantom
 from dicomnode.models.data import load_case, load_cases, read_label_mask, scan_folder
 from dicomnode.models.recipe import load_recipe
 from dicomnode.models.synthetic import build_segmentation, write_case
+from dicomnode.synthetic.phantom import Lesion, generate_phantom, write_phantom
 
 LABELS = load_recipe("lesion_seg").labels
 LESION = Lesion(center_mm=(70.0, -5.0, 0.0), radius_mm=14.0, hu=40.0)
@@ -45,9 +45,7 @@ def test_pairs_through_source_instances_without_referenced_series(
     assert ref.seg_path == tmp_path / "seg.dcm"
 
 
-def test_latest_segmentation_wins(
-    tmp_path: Path, make_spec: Callable[..., Any]
-) -> None:
+def test_latest_segmentation_wins(tmp_path: Path, make_spec: Callable[..., Any]) -> None:
     phantom = generate_phantom(make_spec(3, (LESION,)))
     write_phantom(phantom, tmp_path / "CT")
     for name, time in (("old.dcm", "080000"), ("new.dcm", "170000"), ("mid.dcm", "120000")):
@@ -65,8 +63,14 @@ def test_mask_lands_on_the_volume_grid_for_any_orientation(
     for i, orientation in enumerate(("coronal", "oblique")):
         # Given a phantom whose instances run against the slice normal
         phantom = generate_phantom(
-            make_spec(4 + i, (lesion,), orientation=orientation, reverse_order=True,
-                      slices=10, slice_thickness=4.0)
+            make_spec(
+                4 + i,
+                (lesion,),
+                orientation=orientation,
+                reverse_order=True,
+                slices=10,
+                slice_thickness=4.0,
+            )
         )
         write_case(phantom, tmp_path / orientation)
         (ref,) = scan_folder(tmp_path / orientation)

@@ -11,7 +11,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom
 from dicomnode.imaging.series import volume_from_datasets
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label
@@ -23,6 +22,7 @@ from dicomnode.pipelines.results import (
     PipelineResult,
     SegmentResult,
 )
+from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom
 
 LESION = Label(
     index=0,

@@ -16,11 +16,11 @@ import pytest
 from dicomnode.audit import read_audit
 from dicomnode.config import AllowedCaller, Config, TlsSettings
 from dicomnode.errors import DeliveryError
-from dicomnode.synthetic.phantom import Phantom
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.net.tls import client_context
 from dicomnode.node import Node
+from dicomnode.synthetic.phantom import Phantom
 
 from .pki import Pki, make_pki
 
