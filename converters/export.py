@@ -18,7 +18,7 @@ import platform
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -145,6 +145,15 @@ def provenance(recipe: Recipe, extra: dict[str, Any] | None = None) -> dict[str,
     return info
 
 
+def _card_task(task: str) -> Literal["segmentation", "classification"]:
+    """The recipe's task as the card's type (recipes are validated to one of the two)."""
+    if task == "segmentation":
+        return "segmentation"
+    if task == "classification":
+        return "classification"
+    raise ValueError(f"recipe task must be 'segmentation' or 'classification', not {task!r}")
+
+
 def build_card(
     recipe: Recipe,
     *,
@@ -162,7 +171,7 @@ def build_card(
     return ModelCard(
         name=b.name,
         version=b.version,
-        task=b.task,  # type: ignore[arg-type]
+        task=_card_task(b.task),
         model_file=MODEL_FILE,
         sha256=sha256,
         opset=opset,

@@ -92,7 +92,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     _logging()
     from dicomnode.inference.card import CARD_FILE, load_bundle
     from dicomnode.models.data import load_cases
-    from dicomnode.models.evaluate import EvalSpec, OnnxPredictor, evaluate
+    from dicomnode.models.evaluate import EvalSpec, OnnxPredictor, Predictor, evaluate
 
     if (args.model / CARD_FILE).is_file():
         bundle = load_bundle(args.model)
@@ -106,7 +106,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             min_component_volume_mm3=card.min_component_volume_mm3,
             min_area_mm2=args.min_area_mm2 if args.min_area_mm2 is not None else min_area,
         )
-        predictor = OnnxPredictor(bundle.model_path, card)
+        predictor: Predictor = OnnxPredictor(bundle.model_path, card)
     else:
         require_training_extra()
         import keras

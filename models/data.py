@@ -80,7 +80,8 @@ class Case:
     def slice_areas_mm2(self) -> npt.NDArray[np.float64]:
         """Labelled area of each slice and label, (slices, labels), in mm^2."""
         pixel = self.pixel_spacing[0] * self.pixel_spacing[1]
-        return self.mask.sum(axis=(1, 2)).astype(np.float64) * pixel
+        counts: npt.NDArray[np.integer[Any]] = self.mask.sum(axis=(1, 2))
+        return counts.astype(np.float64) * pixel
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,18 @@ def scan_folder(root: str | Path) -> list[CaseRef]:
             images[str(ds.SeriesInstanceUID)].append(path)
             sop_to_series[str(ds.SOPInstanceUID)] = str(ds.SeriesInstanceUID)
     labelled: dict[str, tuple[str, Path]] = {}
-    for path, ds in segs:
-        series = {str(i.SeriesInstanceUID) for i in ds.get("ReferencedSeriesSequence", [])}
+    for path, seg_ds in segs:
+        series = {str(i.SeriesInstanceUID) for i in seg_ds.get("ReferencedSeriesSequence", [])}
         series &= set(images)
         if not series:
-            series = {sop_to_series[u] for u in _referenced_sops(ds) if u in sop_to_series}
+            series = {sop_to_series[u] for u in _referenced_sops(seg_ds) if u in sop_to_series}
         if len(series) != 1:
             log.warning(
                 "%s: cannot pair SEG with one image series (found %d); skipped", path, len(series)
             )
             continue
         uid = series.pop()
-        stamp = f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}"
+        stamp = f"{seg_ds.get('ContentDate', '')}{seg_ds.get('ContentTime', '')}"
         if uid not in labelled or stamp > labelled[uid][0]:
             labelled[uid] = (stamp, path)
     refs = []

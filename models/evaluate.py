@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dicomnode.inference.card import Label, Preprocessing
+from dicomnode.inference.card import Label, ModelCard, Preprocessing
 from dicomnode.inference.preprocess import prepare_slices, restore_slices
 from dicomnode.models import metrics as m
 from dicomnode.models.data import Case, context_stack
@@ -59,7 +59,7 @@ class KerasPredictor:
 class OnnxPredictor:
     """NHWC in, NHWC (or NC) probabilities out, through a bundle on ONNX Runtime (CPU)."""
 
-    def __init__(self, model_path: Path, card: Any, threads: int = 0) -> None:
+    def __init__(self, model_path: Path, card: ModelCard, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()

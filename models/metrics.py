@@ -52,7 +52,7 @@ def label_components(mask: npt.ArrayLike) -> tuple[npt.NDArray[np.int32], int]:
     flat = np.flatnonzero(m)
     if flat.size == 0:
         return out, 0
-    index = np.full(m.size, -1, np.int64)
+    index: npt.NDArray[np.int64] = np.full(m.size, -1, np.int64)
     index[flat] = np.arange(flat.size)
     index = index.reshape(m.shape)
     coords = np.unravel_index(flat, m.shape)

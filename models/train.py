@@ -13,9 +13,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -39,8 +39,20 @@ from dicomnode.models.run import RunFiles
 
 log = logging.getLogger(__name__)
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
-@keras.saving.register_keras_serializable(package="dicomnode")
+
+def _serializable(fn: _Fn) -> _Fn:
+    """``keras.saving.register_keras_serializable(package="dicomnode")``, typed.
+
+    Keras has no type information, so its decorator would make ``fn`` untyped; the
+    registration (``dicomnode>NAME``) and the returned object are Keras' own.
+    """
+    registered: _Fn = keras.saving.register_keras_serializable(package="dicomnode")(fn)
+    return registered
+
+
+@_serializable
 def dice_bce_loss(y_true: Any, y_pred: Any) -> Any:
     """Binary cross-entropy plus (1 - soft Dice over the batch)."""
     bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
@@ -49,7 +61,7 @@ def dice_bce_loss(y_true: Any, y_pred: Any) -> Any:
     return bce + 1.0 - soft_dice
 
 
-@keras.saving.register_keras_serializable(package="dicomnode")
+@_serializable
 def hard_dice(y_true: Any, y_pred: Any) -> Any:
     """Dice of the 0.5-thresholded prediction over the batch (a training metric)."""
     p = ops.cast(y_pred >= 0.5, "float32")
@@ -84,7 +96,7 @@ def _compile(model: keras.Model, recipe: Recipe) -> None:
     model.compile(optimizer=keras.optimizers.Adam(t.learning_rate), loss=loss, metrics=metrics)
 
 
-class _EpochSummaries(keras.callbacks.Callback):
+class _EpochSummaries(keras.callbacks.Callback):  # type: ignore[misc]  # Callback is Any (no stubs)
     """TensorBoard scalars per epoch (``train/`` and ``validation/`` runs).
 
     Written with TensorFlow's core ``tf.summary.write`` and the scalars plugin metadata,
@@ -113,7 +125,7 @@ class _EpochSummaries(keras.callbacks.Callback):
             writer.flush()
 
 
-class _Progress(keras.callbacks.Callback):
+class _Progress(keras.callbacks.Callback):  # type: ignore[misc]  # Callback is Any (no stubs)
     """One log line per epoch with the elapsed wall time."""
 
     def __init__(self, total: int) -> None:

@@ -1,0 +1,1 @@
+../../dicomnode/__init__.py
