@@ -4,7 +4,12 @@ Providers are plugins in a fixed order, TensorRT (only when asked) > CUDA > CPU;
 available one is chosen once per session and logged.  onnxruntime-gpu lists CUDA as
 available even on machines without a GPU and then silently falls back, so the providers the
 session really got (``session.get_providers()``) are what we report.  A failure while
-running on a GPU is retried once on the CPU with a warning, never a crash.
+running on a GPU switches the runner to the CPU once, with one warning, and the batch is run
+again there; a failure on the CPU is a :class:`~dicomnode.errors.ModelError`.
+
+Segmentation and classification bundles have separate entry points with fixed output
+shapes: :meth:`BundleRunner.predict_segmentation` and
+:meth:`BundleRunner.predict_classification`.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +40,21 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+CPU_ONLY = (PROVIDERS["cpu"],)
+
+Task = Literal["segmentation", "classification"]
+
+
+class InferenceSession(Protocol):
+    """The part of ``onnxruntime.InferenceSession`` the runner uses."""
+
+    def run(self, output_names: list[str], input_feed: dict[str, Any]) -> list[Any]: ...
+
+    def get_providers(self) -> list[str]: ...
+
+    def get_inputs(self) -> list[Any]: ...
+
+    def get_outputs(self) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,7 @@ class BundleRunner:
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
         requested = choose_providers(providers, tensorrt)
-        self.session: Any = self._open(requested)
+        self.session = self._open(requested)
         self.choice = ProviderChoice(tuple(requested), tuple(self.session.get_providers()))
         log.info(
             "model %s %s runs on %s (requested %s)",
@@ -119,35 +139,66 @@ class BundleRunner:
                 f"bundle {self.card.name}: model has no output {self.card.output.name!r}"
             )
 
-    def _open(self, providers: list[str]) -> Any:
+    # --- sessions -------------------------------------------------------------------------
+
+    def _create_session(self, providers: Sequence[str]) -> InferenceSession:
         import onnxruntime as ort
 
+        session: InferenceSession = ort.InferenceSession(
+            str(self.bundle.model_path), sess_options=self._options, providers=list(providers)
+        )
+        return session
+
+    def _open(self, providers: Sequence[str]) -> InferenceSession:
+        """A session on ``providers``; one that cannot open on a GPU opens on the CPU."""
+        if tuple(providers) != CPU_ONLY:
+            try:
+                return self._create_session(providers)
+            except Exception as exc:
+                log.warning(
+                    "cannot open %s on %s (%s); using the CPU", self.card.name, providers, exc
+                )
         try:
-            return ort.InferenceSession(
-                str(self.bundle.model_path), sess_options=self._options, providers=providers
-            )
+            return self._create_session(CPU_ONLY)
         except Exception as exc:
-            if providers == [PROVIDERS["cpu"]]:
-                raise ModelError(f"cannot load model {self.card.name}: {exc}") from exc
-            log.warning("cannot open %s on %s (%s); using the CPU", self.card.name, providers, exc)
-            return self._open([PROVIDERS["cpu"]])
+            raise ModelError(f"cannot load model {self.card.name}: {exc}") from exc
+
+    def _fall_back_to_cpu(self, reason: Exception) -> None:
+        """Replace the GPU session by a CPU one after a failed run; called at most once."""
+        log.warning(
+            "inference with %s on %s failed (%s); running on the CPU from now on",
+            self.card.name,
+            self.choice.active[0],
+            reason,
+        )
+        self.session = self._open(CPU_ONLY)
+        self.choice = ProviderChoice(self.choice.requested, CPU_ONLY)
 
     def _run_batch(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Run (N, C, h, w) input (C = the card's context slices) in the card's layout."""
+        """Run (N, C, h, w) input (C = the card's context slices) in the card's layout.
+
+        A failure on a GPU falls back to the CPU and the batch runs again there; a failure
+        on the CPU raises :class:`ModelError`.
+        """
         x = batch if self.card.input.layout == "NCHW" else np.moveaxis(batch, 1, -1)
         feed = {self.card.input.name: np.ascontiguousarray(x, dtype=np.float32)}
-        try:
-            out = self.session.run([self.card.output.name], feed)[0]
-        except Exception as exc:
-            if not self.choice.on_gpu:
-                raise ModelError(f"inference with {self.card.name} failed: {exc}") from exc
-            log.warning(
-                "inference on %s failed (%s); falling back to the CPU", self.choice.active[0], exc
+        while True:
+            try:
+                out = self.session.run([self.card.output.name], feed)[0]
+            except Exception as exc:
+                if not self.choice.on_gpu:
+                    raise ModelError(f"inference with {self.card.name} failed: {exc}") from exc
+                self._fall_back_to_cpu(exc)  # the CPU is not on_gpu: the loop runs twice at most
+                continue
+            return np.asarray(out, dtype=np.float32)
+
+    # --- prediction -----------------------------------------------------------------------
+
+    def _require_task(self, task: Task) -> None:
+        if self.card.task != task:
+            raise ModelError(
+                f"bundle {self.card.name} is a {self.card.task} model, not a {task} model"
             )
-            self.session = self._open([PROVIDERS["cpu"]])
-            self.choice = ProviderChoice(self.choice.requested, (PROVIDERS["cpu"],))
-            return self._run_batch(batch)
-        return np.asarray(out, dtype=np.float32)
 
     def _activate(self, y: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
         act = self.card.output.activation
@@ -157,40 +208,63 @@ class BundleRunner:
         out: npt.NDArray[np.float32] = (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
         return out
 
-    def predict_slices(
+    def _run_slices(self, x: npt.NDArray[np.float32]) -> Iterator[npt.NDArray[np.float32]]:
+        """Raw model output for prepared (slices, h, w) input, one batch at a time."""
+        context = self.card.input.context_slices
+        for start in range(0, x.shape[0], self.batch_size):
+            stop = min(start + self.batch_size, x.shape[0])
+            lo, hi = max(0, start - context // 2), min(x.shape[0], stop + context // 2)
+            stacked = stack_context(x[lo:hi], context)  # neighbours across batch edges
+            yield self._run_batch(stacked[start - lo : start - lo + stop - start])
+
+    def predict_segmentation(
         self,
         hu: npt.NDArray[np.float32],
         pixel_spacing: tuple[float, float],
         prepared: tuple[npt.NDArray[np.float32], SliceGeometry] | None = None,
     ) -> npt.NDArray[np.float32]:
-        """Per-slice output for a (slices, rows, columns) HU volume.
+        """Probabilities (channels, slices, rows, columns) for a (slices, rows, columns) volume.
 
-        Segmentation: probabilities (channels, slices, rows, columns) on the source grid;
-        values below the lowest label threshold may come back as 0.
-        Classification: probabilities (slices, channels).
+        On the source grid; values below the lowest label threshold may come back as 0.
         ``prepared`` is :func:`prepare_slices` output computed with this card's
         preprocessing (bundles with the same preprocessing share it).
+
+        Raises
+        ------
+        ModelError
+            The bundle is not a segmentation model, or inference failed on the CPU.
         """
+        self._require_task("segmentation")
         x, geometry = prepared or prepare_slices(hu, pixel_spacing, self.card.preprocessing)
-        context = self.card.input.context_slices
         outputs = []
-        for start in range(0, x.shape[0], self.batch_size):
-            stop = min(start + self.batch_size, x.shape[0])
-            lo, hi = max(0, start - context // 2), min(x.shape[0], stop + context // 2)
-            stacked = stack_context(x[lo:hi], context)  # neighbours across batch edges
-            y = self._run_batch(stacked[start - lo : start - lo + stop - start])
-            if self.card.task == "classification":
-                outputs.append(self._activate(y.reshape(y.shape[0], -1), axis=1))
-                continue
+        for y in self._run_slices(x):
             if self.card.output.layout == "NHWC":
                 y = np.moveaxis(y, -1, 1)
             outputs.append(self._activate(y, axis=1))
-        out = np.concatenate(outputs, axis=0)
-        if self.card.task == "classification":
-            return out
+        out = np.concatenate(outputs, axis=0)  # (slices, channels, h, w)
         # Only what can reach a label's threshold needs resampling (see restore_slices).
         floor = min(label.threshold for label in self.card.labels)
         channels = [
             restore_slices(out[:, c], geometry, skip_below=floor) for c in range(out.shape[1])
         ]
         return np.stack(channels, axis=0)
+
+    def predict_classification(
+        self,
+        hu: npt.NDArray[np.float32],
+        pixel_spacing: tuple[float, float],
+        prepared: tuple[npt.NDArray[np.float32], SliceGeometry] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities (slices, channels) for a (slices, rows, columns) volume.
+
+        ``prepared`` is as for :meth:`predict_segmentation`.
+
+        Raises
+        ------
+        ModelError
+            The bundle is not a classification model, or inference failed on the CPU.
+        """
+        self._require_task("classification")
+        x, _ = prepared or prepare_slices(hu, pixel_spacing, self.card.preprocessing)
+        outputs = [self._activate(y.reshape(y.shape[0], -1), axis=1) for y in self._run_slices(x)]
+        return np.concatenate(outputs, axis=0)

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.uid import generate_uid
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label
@@ -29,22 +30,53 @@ from dicomnode.pipelines.results import (
 
 log = logging.getLogger(__name__)
 
-_MAX_DIAMETER_POINTS = 3000
+#: Up to this many distinct points the diameter is found by comparing all pairs.
+_BRUTE_FORCE_POINTS = 256
+#: Point pairs compared at once: bounds the temporary arrays to about 60 MB.
+_PAIRS_PER_CHUNK = 1 << 21
+#: Relative singular value below which a point set counts as flat (or as a line).
+_FLAT_TOLERANCE = 1e-9
 ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
 
 
 def longest_diameter_mm(points_mm: npt.NDArray[np.float64]) -> float:
-    """Largest pairwise distance between points (N, 3), chunked to bound memory."""
-    n = len(points_mm)
-    if n < 2:
-        return 0.0
-    if n > _MAX_DIAMETER_POINTS:
-        idx = np.linspace(0, n - 1, _MAX_DIAMETER_POINTS).astype(np.intp)
-        points_mm = points_mm[idx]
+    """Largest distance between any two of the points (N, 3), in the points' unit.
+
+    Exact up to floating-point rounding.  The farthest pair of a point set lies on the
+    vertices of its convex hull, so only those are compared, all pairs, in chunks.  Sets
+    that are flat (a single-slice lesion) or on a line (a one-voxel-wide rod) have no 3-D
+    hull; their hull is taken in their own plane or along their line.
+    :func:`measure_components` passes the centres of a component's surface voxels.
+    """
+    points = np.unique(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3), axis=0)
+    if len(points) > _BRUTE_FORCE_POINTS:
+        points = points[_hull_candidates(points)]
+    return _largest_pairwise_distance(points)
+
+
+def _hull_candidates(points: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
+    """Indices of the hull vertices of distinct ``points``, in the span of the points."""
+    centred = points - points.mean(axis=0)
+    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    rank = int(np.count_nonzero(singular > _FLAT_TOLERANCE * singular[0]))
+    coords = centred @ axes[:rank].T  # coordinates in the points' own line/plane/space
+    if rank < 2:
+        return np.array([np.argmin(coords[:, 0]), np.argmax(coords[:, 0])], dtype=np.intp)
+    try:
+        hull = ConvexHull(coords)  # option Qc: points within rounding of a facet are kept too
+    except QhullError:
+        log.debug("no convex hull for %d points; comparing all pairs", len(points))
+        return np.arange(len(points), dtype=np.intp)
+    near = hull.coplanar[:, 0] if len(hull.coplanar) else np.empty(0, dtype=np.intp)
+    return np.union1d(hull.vertices, near).astype(np.intp)
+
+
+def _largest_pairwise_distance(points: npt.NDArray[np.float64]) -> float:
     best = 0.0
-    for start in range(0, len(points_mm), 512):
-        block = points_mm[start : start + 512]
-        d2 = ((block[:, None, :] - points_mm[None, :, :]) ** 2).sum(axis=-1)
+    rows = max(1, _PAIRS_PER_CHUNK // max(1, len(points)))
+    for start in range(0, len(points), rows):
+        block = points[start : start + rows]
+        d2 = ((block[:, None, :] - points[None, start:, :]) ** 2).sum(axis=-1)
         best = max(best, float(d2.max()))
     return float(np.sqrt(best))
 
@@ -111,7 +143,9 @@ class LesionPipeline:
     def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
         card = self.segmentation.card
         prepared = prepare_slices(volume.pixels, volume.pixel_spacing, card.preprocessing)
-        probs = self.segmentation.predict_slices(volume.pixels, volume.pixel_spacing, prepared)
+        probs = self.segmentation.predict_segmentation(
+            volume.pixels, volume.pixel_spacing, prepared
+        )
         segments, findings = [], []
         for number, label in enumerate(card.labels, start=1):
             raw = probs[label.index] >= label.threshold
@@ -128,7 +162,7 @@ class LesionPipeline:
         classifications = []
         if self.classification is not None:
             same = self.classification.card.preprocessing == card.preprocessing
-            per_slice = self.classification.predict_slices(
+            per_slice = self.classification.predict_classification(
                 volume.pixels, volume.pixel_spacing, prepared if same else None
             )
             for label in self.classification.card.labels:

@@ -62,7 +62,7 @@ def test_segmentation_runs_in_batches_and_maps_back_to_source_grid(tmp_path: Pat
     assert runner.choice.active[-1] == "CPUExecutionProvider"
     hu = np.full((7, 40, 30), -1000.0, dtype=np.float32)
     hu[2:5, 10:20, 5:15] = 300.0
-    probs = runner.predict_slices(hu, (1.0, 1.0))
+    probs = runner.predict_segmentation(hu, (1.0, 1.0))
     assert probs.shape == (1, 7, 40, 30)
     mask = probs[0] >= 0.5
     assert mask[3, 15, 10] and not mask[0].any() and not mask[3, 30, 25]
@@ -72,7 +72,7 @@ def test_classifier_gives_per_slice_probabilities(tmp_path: Path) -> None:
     runner = BundleRunner(load_bundle(max_classifier(tmp_path / "c")), batch_size=4)
     hu = np.full((5, 16, 16), -1000.0, dtype=np.float32)
     hu[3, 4, 4] = 300.0
-    p = runner.predict_slices(hu, (1.0, 1.0))
+    p = runner.predict_classification(hu, (1.0, 1.0))
     assert p.shape == (5, 1)
     assert p[3, 0] > 0.85 and p[0, 0] < 0.01
 
@@ -135,7 +135,7 @@ def test_context_slices_feed_each_slice_with_its_neighbours(tmp_path: Path) -> N
     runner = BundleRunner(load_bundle(bundle), batch_size=2)
     hu = np.repeat(np.arange(5, dtype=np.float32)[:, None, None] * 10, 16, axis=1)
     hu = np.repeat(hu, 16, axis=2)  # slice k has value 10 k -> 0.1 k after the window
-    out = runner.predict_slices(hu, (1.0, 1.0))[0, :, 8, 8]
+    out = runner.predict_segmentation(hu, (1.0, 1.0))[0, :, 8, 8]
     assert np.allclose(out, [0.1, 0.2, 0.2, 0.2, 0.1], atol=1e-5)
 
 
