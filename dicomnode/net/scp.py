@@ -1,14 +1,15 @@
-"""The C-ECHO / C-STORE SCP.  The only module (with ``scu``) that imports pynetdicom.
+"""The C-ECHO / C-STORE SCP.
 
 The C-STORE handler takes the encoded bytes as received (no decoding), hands them to the
-spool, and answers with the status :func:`dicomnode.net.status.status_for` gives.  Sockets
-get TCP_NODELAY: without it, peers that also leave Nagle on stall ~45 ms per instance.
+spool, and answers with the status :func:`dicomnode.net.status.status_for` gives.  What the
+node changes in pynetdicom's acceptor (TCP_NODELAY and timeouts on accepted sockets, the
+caller's host check, the guards against malformed input) is in
+:mod:`dicomnode.net.patches`; start-up refuses a pynetdicom they were not tested with.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.acse import ACSE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -25,63 +25,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings
 from dicomnode.errors import InvalidInstanceError
-from dicomnode.net import status
-from dicomnode.net.guards import ContextList, guard_association
+from dicomnode.net import patches, status
 from dicomnode.net.tls import server_context
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
-
-
-class CallerCheckingACSE(ACSE):
-    """ACSE that also rejects callers whose (AE title, host) pair is not allowed.
-
-    pynetdicom checks calling AE titles itself but knows nothing of hosts; this check runs
-    before its negotiation and answers A-ASSOCIATE-RJ (rejected-permanent, service user,
-    calling AE title not recognised)."""
-
-    def __init__(self, assoc: Any, allowed: Callable[[str, str], bool]) -> None:
-        super().__init__(assoc)
-        self._allowed = allowed
-
-    def _negotiate_as_acceptor(self) -> None:
-        primitive: Any = self.requestor.primitive
-        title = str(primitive.calling_ae_title).strip()
-        if not self._allowed(title, str(self.assoc.requestor.address)):
-            self.requestor.ae_title = primitive.calling_ae_title
-            self.send_reject(0x01, 0x01, 0x03)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        super()._negotiate_as_acceptor()
-
-
-class NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY and a timeout on every accepted socket.
-
-    pynetdicom sets the network timeout on the listening socket only; accepted sockets are
-    blocking without one, so a peer that sends part of a PDU and then nothing holds its
-    association (and a slot of ``max_associations``) forever.  With TLS, pynetdicom does
-    the handshake inside ``accept``, in the one thread that accepts connections: a peer
-    that connects and stays silent stops the node accepting anyone.  Here the handshake
-    is left to the association's own thread (OpenSSL performs it on the first read), under
-    the same timeout.
-    """
-
-    #: listen() backlog; socketserver's default of 5 makes a burst of connections (a
-    #: PACS opening one association per image, a flood) wait for SYN retransmits (1 s).
-    request_queue_size = 128
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.settimeout(self.ae.network_timeout)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
 
 
 @dataclass
@@ -102,6 +50,7 @@ class StorageSCP:
         on_stored: Callable[[str], None] | None = None,
         audit: AuditLog | None = None,
     ) -> None:
+        patches.check_pynetdicom()
         self.settings = settings
         self.spool = spool
         self.audit = audit or AuditLog(None)
@@ -146,14 +95,12 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._log_association),
         ]
         tls = self.settings.tls
-        server = self.ae.make_server(
+        server = patches.make_server(
+            self.ae,
             (self.settings.bind_address, self.settings.port),
-            evt_handlers=handlers,
-            server_class=NoDelayServer,
+            handlers,
             ssl_context=server_context(tls) if tls.enabled else None,
         )
-        server.contexts = ContextList(server.contexts)  # copied per connection
-        self.ae._servers.append(server)  # so that server.shutdown() finds it
         stamp = datetime.now().strftime("%H%M%S")
         self._thread = threading.Thread(
             target=server.serve_forever, name=f"scp-acceptor-{stamp}", daemon=True
@@ -266,10 +213,10 @@ class StorageSCP:
 
     def _log_open(self, event: Event) -> None:
         """Runs before the association starts: install the host check and the guards
-        against malformed input (:mod:`dicomnode.net.guards`), log the connection."""
+        against malformed input (:mod:`dicomnode.net.patches`), log the connection."""
         if any(c.hosts for c in self.settings.allowed_callers):
-            event.assoc.acse = CallerCheckingACSE(event.assoc, self._caller_allowed)
-        guard_association(event.assoc, self.settings.max_pdu)
+            patches.check_caller_host(event.assoc, self._caller_allowed)
+        patches.guard_association(event.assoc, self.settings.max_pdu)
         address: Any = getattr(event, "address", ("?", "?"))
         log.debug("connection from %s:%s", address[0], address[1])
 
@@ -310,6 +257,7 @@ class FolderSCP:
     def __init__(
         self, ae_title: str, folder: Path, bind_address: str = "127.0.0.1", port: int = 0
     ) -> None:
+        patches.check_pynetdicom()
         self.folder = folder
         self.received: list[Path] = []
         self._cond = threading.Condition()
@@ -327,12 +275,11 @@ class FolderSCP:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        server = self.ae.make_server(
+        server = patches.make_server(
+            self.ae,
             self._address,
-            evt_handlers=[(evt.EVT_C_STORE, self._handle), (evt.EVT_C_ECHO, lambda e: 0)],
-            server_class=NoDelayServer,
+            [(evt.EVT_C_STORE, self._handle), (evt.EVT_C_ECHO, lambda e: 0)],
         )
-        self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="folder-scp", daemon=True).start()
         self._server = server
 

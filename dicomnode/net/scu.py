@@ -1,14 +1,16 @@
-"""C-STORE / C-ECHO SCU: sends files to a remote AE on one association per batch."""
+"""C-STORE / C-ECHO SCU: sends files to a remote AE on one association per batch.
+
+A warning status (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx) means the peer stored the
+file: its :class:`SendResult` is ok, and one warning line names the status and its meaning.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -17,7 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.errors import DeliveryError
-from dicomnode.net import status
+from dicomnode.net import patches, status
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,13 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
+        """The peer stored the file (Success or Warning)."""
         return self.status is not None and status.is_success(self.status)
+
+    @property
+    def warning(self) -> bool:
+        """The peer stored the file with a warning."""
+        return self.status is not None and status.is_warning(self.status)
 
 
 def _contexts(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
@@ -53,28 +61,6 @@ def _contexts(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
             if t and t not in lst:
                 lst.append(t)
     return proposed
-
-
-def keep_stray_responses(assoc: Association) -> None:
-    """Work around a pynetdicom race that loses a response and stalls ``send_c_store``.
-
-    ``send_*`` pauses the association's reactor before sending, but it checks a flag the
-    reactor sets just before pausing: when the reactor is between waking and clearing that
-    flag (right after the previous ``send_*`` resumed it), the request goes out unpaused,
-    the reactor takes the response off the queue as if it were a request, logs "Received
-    unexpected C-STORE service message" and drops it; the sender then waits for the DIMSE
-    timeout.  Seen about once in 1,000 back-to-back C-STOREs on a loaded 2-core machine.
-    Here a response the reactor takes is put back for the sender.
-    """
-    serve = assoc._serve_request
-
-    def serve_request(msg: Any, context_id: int) -> None:
-        if getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve(msg, context_id)
-
-    assoc._serve_request = serve_request  # type: ignore[method-assign]
 
 
 def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> Association:
@@ -96,10 +82,7 @@ def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> A
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if assoc.is_established:
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        keep_stray_responses(assoc)
+        patches.prepare_requestor(assoc)
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
@@ -171,11 +154,15 @@ def send_files(
             if not assoc.is_established and "Status" not in rsp:
                 raise DeliveryError(f"association with {peer.ae_title} lost", transient=True)
             code = int(rsp.Status) if "Status" in rsp else None
-            _report(
-                results,
-                on_result,
-                SendResult(path, code, "" if code is not None else "no response"),
-            )
+            result = SendResult(path, code, "" if code is not None else "no response")
+            if code is not None and status.is_warning(code):
+                log.warning(
+                    "%s stored %s with a warning: %s",
+                    peer.ae_title,
+                    path.name,
+                    status.describe(code),
+                )
+            _report(results, on_result, result)
     finally:
         if assoc.is_established:
             assoc.release()

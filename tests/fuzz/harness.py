@@ -42,7 +42,8 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from dicomnode.net import status
-from dicomnode.net.scu import Peer, echo, keep_stray_responses, send_files
+from dicomnode.net.patches import keep_stray_responses
+from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.node import Node
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 
@@ -348,7 +349,7 @@ class CrashWatch(logging.Handler):
 
     Two kinds of pynetdicom errors are counted apart, as upstream bugs that the node
     contains: its own PDU-logging handlers failing on odd PDUs (pynetdicom catches those),
-    and its state machine raising on odd PDUs (``dicomnode.net.guards`` ends the
+    and its state machine raising on odd PDUs (``dicomnode.net.patches`` ends the
     association in one warning line; an uncontained one would kill a thread, a crash).
     """
 
@@ -361,7 +362,7 @@ class CrashWatch(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if record.name == "dicomnode.net.guards":
+        if record.name == "dicomnode.net.patches":
             self.contained.append(message)
         if record.levelno < logging.ERROR:
             return
