@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from dicomnode.config import NodeSettings
+from dicomnode.db import Database
 from dicomnode.net.scp import StorageSCP
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
@@ -91,7 +92,7 @@ def run_storescp(files: list[Path], work: Path, associations: int) -> float:
 def run_node(files: list[Path], work: Path, associations: int) -> float:
     data = work / "node"
     settings = dataclasses.replace(NodeSettings(), port=0, data_dir=data, min_free_disk_mb=10)
-    index = Index(data)
+    index = Index(Database(data))
     scp = StorageSCP(settings, Spool(data, index, min_free_bytes=10 * 2**20))
     scp.start()
     try:

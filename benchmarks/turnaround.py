@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from dicomnode.demo import PACS_AE, demo_config
+from dicomnode.app.demo import PACS_AE, demo_config
+from dicomnode.app.node import Node
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 
@@ -44,10 +44,10 @@ def one_run(work: Path, files: list[Path], quiet: float) -> tuple[float, float, 
         assert all(r.ok for r in results)
         assert len(pacs.wait_for(2, timeout=600)) >= 2
         t_done = time.perf_counter()
-        job = node.queue.list_jobs()[0]
+        job = node.jobs.list_jobs()[0]
         while job.finished_at is None:
             time.sleep(0.01)
-            job = node.queue.get(job.id)
+            job = node.jobs.get(job.id)
         rate = len(files) / (t_last - t0)
         return t_done - t_last, job.finished_at - job.created_at, rate
     finally:

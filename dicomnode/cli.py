@@ -34,7 +34,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicomnode.node import Node
+    from dicomnode.app.node import Node
 
     config = _config(args)
     _setup_logging(config.node.log_level)
@@ -43,16 +43,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from dicomnode.app.preflight import preflight
+
     config = _config(args)
+    report = preflight(config)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     print(
         f"{config.source}: OK ({len(config.routes)} route(s), {len(config.pipelines)} "
         f"pipeline(s), {len(config.remotes)} remote(s))"
     )
+    for p in config.pipelines:
+        bundles = ", ".join(
+            f"{role} {b.card.name} {b.card.version}" for role, b in report.bundles[p.name].items()
+        )
+        print(f"  pipeline {p.name!r}: kind {p.kind!r}" + (f"; {bundles}" if bundles else ""))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicomnode.demo import run_demo
+    from dicomnode.app.demo import run_demo
 
     _setup_logging("WARNING" if not args.verbose else "INFO")
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dicomnode-demo-"))
@@ -69,7 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from dicomnode.batch import run_batch
+    from dicomnode.app.batch import run_batch
 
     config = _config(args)
     _setup_logging("WARNING" if not args.verbose else "INFO")
@@ -84,26 +94,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicomnode.jobs.queue import JobQueue
-    from dicomnode.spool.index import Index
+    from dicomnode.app.worker import WorkerContext
 
     config = _config(args)
-    queue = JobQueue(Index(config.node.data_dir), config.jobs, config.delivery)
+    ctx = WorkerContext.open(config)
     if args.action == "retry":
         for job_id in args.ids:
-            print(f"job {job_id}: -> {queue.retry_job(int(job_id))}")
+            print(f"job {job_id}: -> {ctx.outbox.retry_job(int(job_id))}")
         return 0
     if args.action == "show":
         for job_id in args.ids:
-            job = queue.get(int(job_id))
+            job = ctx.jobs.get(int(job_id))
             print(json.dumps(dataclasses.asdict(job), indent=2, default=str))
-            for item in queue.items(job.id):
+            for item in ctx.outbox.items(job.id):
                 print(
                     f"  outbox {item.id}: {item.destination} {item.path.name} {item.state} "
                     f"attempts={item.attempts} status={item.status} {item.last_error}"
                 )
         return 0
-    jobs = queue.list_jobs(state=args.state)
+    jobs = ctx.jobs.list_jobs(state=args.state)
     print(f"{'id':>5} {'state':8} {'att':>3} {'route':16} {'study':>14}  updated   error")
     for j in jobs:
         updated = time.strftime("%H:%M:%S", time.localtime(j.updated_at))
@@ -111,7 +120,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{j.id:>5} {j.state:8} {j.attempts:>3} {j.route[:16]:16} "
             f"{'…' + j.study_instance_uid[-12:]:>14}  {updated}  {j.last_error[:60]}"
         )
-    print(f"jobs: {queue.counts()}  outbox: {queue.outbox_counts()}")
+    print(f"jobs: {ctx.jobs.counts()}  outbox: {ctx.outbox.counts()}")
     return 0
 
 
@@ -138,6 +147,20 @@ def cmd_route(args: argparse.Namespace) -> int:
                 print(f"      {reason}")
         if not matched:
             print("  -> no route matches: the study would be recorded as ignored")
+    return 0
+
+
+def document_schemas() -> dict[str, dict[str, object]]:
+    """The JSON Schemas of the documents dicomnode reads, by name (docs/<name>.schema.json)."""
+    from dicomnode.config import config_schema
+    from dicomnode.inference.card import card_schema
+    from dicomnode.models.recipe import recipe_schema
+
+    return {"config": config_schema(), "card": card_schema(), "recipe": recipe_schema()}
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(document_schemas()[args.document], indent=2, sort_keys=True))
     return 0
 
 
@@ -218,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study_dir")
     s.add_argument("--config")
     s.set_defaults(func=cmd_route)
+
+    s = sub.add_parser(
+        "schema", help="print the JSON Schema of the configuration, a model card or a recipe"
+    )
+    s.add_argument("document", choices=["config", "card", "recipe"])
+    s.set_defaults(func=cmd_schema)
 
     s = sub.add_parser("phantom", help="write a synthetic CT study with known lesions")
     s.add_argument("out")

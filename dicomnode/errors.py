@@ -11,9 +11,13 @@ from __future__ import annotations
 
 
 class DicomNodeError(Exception):
-    """Base class of all errors raised by dicomnode."""
+    """Base class of all errors raised by dicomnode.
+
+    ``errors`` lists every problem when one error reports several (a document that fails
+    validation), one line each."""
 
     transient: bool = False
+    errors: tuple[str, ...] = ()
 
 
 class ConfigError(DicomNodeError):
@@ -68,3 +72,7 @@ class MissingExtraError(DicomNodeError):
 
     def __init__(self, feature: str, extra: str) -> None:
         super().__init__(f"{feature} needs the '{extra}' extra: pip install 'dicomnode[{extra}]'")
+
+
+class TransitionError(DicomNodeError):
+    """A study, job or outbox item was asked to move along an edge its state machine lacks."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dicomnode.app.node import Node
 from dicomnode.config import (
     CompletenessSettings,
     Config,
@@ -28,7 +29,6 @@ from dicomnode.config import (
     Route,
 )
 from dicomnode.net.scp import FolderSCP
-from dicomnode.node import Node
 from dicomnode.routing.rules import parse_rule
 from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
@@ -143,6 +143,8 @@ def node_factory(tmp_path: Path, model_bundles: tuple[Path, Path]) -> Iterator[N
         start: bool = True,
     ) -> Node:
         all_remotes = list(remotes)
+        if pacs_port is None and "pacs" in destinations and all(r.name != "pacs" for r in remotes):
+            pacs_port = 9  # the configured PACS is down (discard port): results wait in the outbox
         if pacs_port is not None:
             all_remotes.append(Remote("pacs", PACS_AE, "127.0.0.1", pacs_port, 10.0))
         config = Config(
@@ -166,7 +168,14 @@ def node_factory(tmp_path: Path, model_bundles: tuple[Path, Path]) -> Iterator[N
             or RetrySettings(max_attempts=50, backoff_initial_s=0.2, backoff_max_s=0.5),
             remotes=tuple(all_remotes),
             folders=tuple(folders),
-            pipelines=(PipelineSettings("lesion", seg, cls, batch_size=8, providers=("cpu",)),),
+            pipelines=(
+                PipelineSettings(
+                    "lesion",
+                    {"segmentation": seg, "classification": cls},
+                    batch_size=8,
+                    providers=("cpu",),
+                ),
+            ),
             routes=(
                 Route(
                     "ct",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from dicomnode.batch import RESULT_FILE, run_batch
+from dicomnode.app.batch import RESULT_FILE, run_batch
 from dicomnode.cli import main
-from dicomnode.config import Config, PipelineSettings, Route
+from dicomnode.config import Config, FolderDestination, PipelineSettings, Route, load_config
 from dicomnode.routing.rules import parse_rule
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
@@ -25,8 +26,9 @@ def config(tmp_path: Path) -> Config:
     cls = max_classifier(tmp_path / "cls")
     rule = parse_rule([{"Modality": "CT", "instance_count": {"ge": 8}}])
     return Config(
-        pipelines=(PipelineSettings("lesion", seg, cls),),
+        pipelines=(PipelineSettings("lesion", {"segmentation": seg, "classification": cls}),),
         routes=(Route("ct", "lesion", ("out",), rule),),
+        folders=(FolderDestination("out", tmp_path / "out"),),
     )
 
 
@@ -60,6 +62,26 @@ def test_batch_converts_resumes_and_reports(config: Config, tmp_path: Path) -> N
     assert sorted(again.skipped) == sorted(summary.done) and not again.done
 
 
+def test_two_routes_on_one_series_keep_both_results(config: Config, tmp_path: Path) -> None:
+    """Both routes' SEG and SR are kept: file names carry the route (they used to collide)."""
+    second = dataclasses.replace(config.routes[0], name="ct-again")
+    both = dataclasses.replace(config, routes=(*config.routes, second))
+    make_input(tmp_path / "in")
+    summary = run_batch(both, tmp_path / "in", tmp_path / "out")
+    assert len(summary.done) == 2 and summary.ok
+    for study in summary.done:
+        folder = tmp_path / "out" / study
+        result = json.loads((folder / RESULT_FILE).read_text())
+        assert sorted(r["route"] for r in result["results"]) == ["ct", "ct-again"]
+        files = sorted(p.name for p in folder.glob("*.dcm"))
+        assert (
+            len(files) == 4 and len({str(dcmread(folder / f).SOPInstanceUID) for f in files}) == 4
+        )
+        for entry in result["results"]:
+            assert (folder / entry["seg"]).is_file() and (folder / entry["sr"]).is_file()
+            assert entry["route"] in entry["seg"] and entry["route"] in entry["sr"]
+
+
 def test_batch_failure_is_reported_and_exit_code_nonzero(
     config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -79,7 +101,7 @@ name = "out"
 path = "{tmp_path / "o2"}"
 [[pipelines]]
 name = "lesion"
-segmentation = "{config.pipelines[0].segmentation}"
+bundles.segmentation = "{config.pipelines[0].bundles["segmentation"]}"
 [[routes]]
 name = "ct"
 pipeline = "lesion"
@@ -116,19 +138,18 @@ def test_check_config_reports_errors_with_the_key(
 def test_jobs_command_lists_and_retries(
     config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicomnode.jobs.queue import JobQueue
-    from dicomnode.spool.index import Index
+    from dicomnode.app.worker import WorkerContext
 
     data = tmp_path / "data"
-    queue = JobQueue(Index(data), config.jobs, config.delivery)
-    with queue.index.transaction() as conn:
-        job_id = queue.create(conn, "1.2.3", "ct", 1, ["1.2.3.4"], ["out"])
-    queue.claim()
-    assert job_id is not None
-    queue.fail(job_id, "ImagingError: gap between slices", transient=False)
     cfg_file = tmp_path / "node.toml"
     cfg_file.write_text(f'[node]\ndata_dir = "{data}"\n')
+    ctx = WorkerContext.open(load_config(cfg_file))
+    with ctx.jobs.db.transaction() as conn:
+        job_id = ctx.jobs.create(conn, "1.2.3", "ct", 1, ["1.2.3.4"], ["out"])
+    ctx.jobs.claim()
+    assert job_id is not None
+    ctx.jobs.fail(job_id, "ImagingError: gap between slices", transient=False)
     assert main(["jobs", "--config", str(cfg_file)]) == 0
     assert "failed" in capsys.readouterr().out
     assert main(["jobs", "retry", str(job_id), "--config", str(cfg_file)]) == 0
-    assert queue.get(job_id).state == "queued"
+    assert ctx.jobs.get(job_id).state == "queued"

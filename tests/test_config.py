@@ -27,7 +27,7 @@ path = "results"
 
 [[pipelines]]
 name = "lesion"
-segmentation = "bundles/seg"
+bundles.segmentation = "bundles/seg"
 
 [[routes]]
 name = "ct"
@@ -49,7 +49,7 @@ def test_valid_config_is_loaded_with_paths_relative_to_the_file(tmp_path: Path) 
     cfg = load_config(write(tmp_path, BASE))
     assert cfg.node.ae_title == "NODE"
     assert cfg.node.data_dir == tmp_path / "data"
-    assert cfg.pipelines[0].segmentation == tmp_path / "bundles" / "seg"
+    assert cfg.pipelines[0].bundles["segmentation"] == tmp_path / "bundles" / "seg"
     assert cfg.folders[0].path == tmp_path / "results"
     assert cfg.routes[0].destinations == ("pacs", "out", SENDER)
     assert cfg.remote_by_ae("PACS") is not None
@@ -96,7 +96,7 @@ def test_invalid_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None
 
 def test_embedded_default_config_is_valid_and_uses_shipped_bundles() -> None:
     cfg = load_config(default_config_path())
-    assert cfg.pipelines[0].segmentation == builtin_bundle("lesion-seg")
+    assert cfg.pipelines[0].bundles["segmentation"] == builtin_bundle("lesion-seg")
     assert cfg.routes[0].destinations == (SENDER,)
 
 
@@ -116,3 +116,49 @@ def test_example_config_in_the_repository_is_valid() -> None:
     cfg = load_config(Path(__file__).parent.parent / "config" / "node.toml")
     assert cfg.routes[0].destinations == (SENDER, "archive")
     assert cfg.node.allowed_callers[0].hosts == ("127.0.0.1",)
+
+
+def test_every_error_is_reported_at_once_with_key_paths_and_suggestions(tmp_path: Path) -> None:
+    text = (
+        BASE.replace("port = 5104", "port = 70000", 1)
+        .replace("[node]", '[node]\nae_tite = "X"', 1)
+        .replace('Modality = "CT"', 'Modalty = "CT"', 1)
+        .replace("SliceThickness = { le = 5 }", "SliceThickness = { lte = 5 }", 1)
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    errors = caught.value.errors
+    assert "'node.ae_tite' is an unknown key; did you mean 'ae_title'?" in errors
+    assert any(e.startswith("'node.port'") for e in errors)
+    assert any(
+        e.startswith("'routes[0].match[0].Modalty' is not a DICOM keyword")
+        and "did you mean 'Modality'?" in e
+        for e in errors
+    )
+    assert any(
+        e.startswith("'routes[0].match[0].SliceThickness.lte' is not an operator")
+        and "did you mean 'lt'?" in e
+        for e in errors
+    )
+    assert len(errors) == 4, errors
+
+
+def test_references_between_sections_are_all_reported(tmp_path: Path) -> None:
+    text = BASE.replace('pipeline = "lesion"', 'pipeline = "lesoin"').replace(
+        '"pacs", "out", "@sender"', '"pacs", "nowhere", "elsewhere"'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert len(caught.value.errors) == 3, caught.value.errors
+
+
+def test_json_schemas_in_docs_are_current() -> None:
+    """docs/*.schema.json are what `dicomnode schema NAME` prints (regenerate them with it)."""
+    import json
+
+    from dicomnode.cli import document_schemas
+
+    docs = Path(__file__).parent.parent / "docs"
+    for name, schema in document_schemas().items():
+        written = json.loads((docs / f"{name}.schema.json").read_text())
+        assert written == json.loads(json.dumps(schema)), f"regenerate docs/{name}.schema.json"

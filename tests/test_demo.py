@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.demo import run_demo
+from dicomnode.app.demo import run_demo
 
 
 @pytest.mark.slow

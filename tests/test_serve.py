@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.app.worker import WorkerContext
 from dicomnode.config import load_config
-from dicomnode.jobs.queue import JobQueue
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files
-from dicomnode.spool.index import Index
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 from fixtures_models import max_classifier, threshold_segmenter
 
@@ -48,8 +47,8 @@ host = "127.0.0.1"
 port = {pacs_port}
 [[pipelines]]
 name = "lesion"
-segmentation = "{seg}"
-classification = "{cls}"
+bundles.segmentation = "{seg}"
+bundles.classification = "{cls}"
 [[routes]]
 name = "ct"
 pipeline = "lesion"
@@ -136,11 +135,11 @@ def test_sigterm_before_completion_keeps_the_study_for_the_next_start(tmp_path: 
         # Then the study is processed once and delivered once
         assert len(pacs.wait_for(2, timeout=90)) == 2
         cfg = load_config(config)
-        queue = JobQueue(Index(cfg.node.data_dir), cfg.jobs, cfg.delivery)
+        jobs = WorkerContext.open(cfg).jobs
         deadline = time.monotonic() + 30
-        while queue.counts() != {"done": 1} and time.monotonic() < deadline:
+        while jobs.counts() != {"done": 1} and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert queue.counts() == {"done": 1}
+        assert jobs.counts() == {"done": 1}
     finally:
         stop(proc)
         pacs.stop()

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicomnode.app.demo import dice, read_seg_mask
+from dicomnode.app.processor import Processor
 from dicomnode.config import Config, PipelineSettings, builtin_bundle
-from dicomnode.demo import dice, read_seg_mask
 from dicomnode.imaging.series import load_volume
-from dicomnode.processing import Processor
+from dicomnode.outputs.layout import result_files
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 CASES = {
@@ -27,7 +28,9 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def processor() -> Processor:
-    settings = PipelineSettings("lesion", builtin_bundle("lesion-seg"), None, providers=("cpu",))
+    settings = PipelineSettings(
+        "lesion", {"segmentation": builtin_bundle("lesion-seg")}, providers=("cpu",)
+    )
     return Processor(Config(pipelines=(settings,)))
 
 
@@ -37,7 +40,9 @@ def test_segmentation_matches_ground_truth(name: str, processor: Processor, tmp_
     phantom = generate_phantom(CASES[name])
     files = write_phantom(phantom, tmp_path / "in")
     # When the node's processing runs the shipped model on it
-    out = processor.process_series(files, "lesion", tmp_path / "out", uid_seed=name)
+    target = result_files(tmp_path / "out", phantom.datasets[0].SeriesInstanceUID, "ct")
+    out = processor.process_series(files, "lesion", target, uid_seed=name)
+    assert out.segmentation is not None
     # Then the SEG, read back by source UID, overlaps the truth voxel for voxel
     volume = load_volume(files)
     mask = read_seg_mask(out.segmentation, list(volume.sop_instance_uids))

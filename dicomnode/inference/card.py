@@ -1,26 +1,48 @@
 """Model bundle card: the versioned schema shared by training/export and the runtime.
 
 A bundle is a folder with ``model.onnx`` and ``card.json``.  The card is validated in full
-before a session is created (schema, codes, thresholds, sha256 of the model file); every
-error names the offending field.  The schema is documented in ``docs/model-bundles.md``.
+before a session is created (:mod:`dicomnode.schema`: types, ranges, codes, thresholds,
+every error at once with its field path), then the sha256 of the model file is checked.
+The classes here (``Code``, ``Preprocessing``, ``Label``) are also the training recipe's
+(``models/recipe.py``), so a recipe and the card exported from it agree by construction.
+The schema is documented in ``docs/model-bundles.md``; its JSON Schema is
+``docs/card.schema.json`` (``dicomnode schema card``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from dicomnode.errors import ModelError
+from dicomnode.schema import STRICT, json_schema, validate_document
 
-CARD_SCHEMA = "dicomnode.bundle/1"
+CARD_SCHEMA: Literal["dicomnode.bundle/1"] = "dicomnode.bundle/1"
 CARD_FILE = "card.json"
 DISCLAIMER_PHRASE = "not for diagnostic use"
 
+Task = Literal["segmentation", "classification"]
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 
-@dataclass(frozen=True)
+
+def check_context_slices(value: int) -> int:
+    if value % 2 == 0:
+        raise ValueError("context_slices must be odd (the centre slice is predicted)")
+    return value
+
+
+#: An odd number of adjacent slices fed as channels (2.5D), the centre one predicted.
+ContextSlices = Annotated[int, Field(ge=1, le=15), AfterValidator(check_context_slices)]
+
+
+@dataclass(frozen=True, config=STRICT)
 class Code:
     """A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
 
@@ -29,71 +51,105 @@ class Code:
     meaning: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Preprocessing:
-    window_min: float = -1000.0
-    window_max: float = 1000.0
+    window_min: float
+    window_max: float
     normalisation: Literal["minmax", "zscore"] = "minmax"
     mean: float = 0.0
-    std: float = 1.0
-    target_spacing_mm: float | None = 1.0
-    pad_multiple: int = 16
+    std: Annotated[float, Field(gt=0)] = 1.0
+    target_spacing_mm: Annotated[float, Field(gt=0)] | None = 1.0
+    pad_multiple: Annotated[int, Field(ge=1)] = 16
+
+    @model_validator(mode="after")
+    def _window(self) -> Preprocessing:
+        if self.window_max <= self.window_min:
+            raise ValueError("window_max must exceed window_min")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class InputSpec:
     name: str
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    dtype: str = "float32"
-    context_slices: int = 1
+    dtype: Literal["float32"] = "float32"
+    context_slices: ContextSlices = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class OutputSpec:
     name: str
     activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
     layout: Literal["NCHW", "NHWC", "NC"] = "NCHW"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Label:
     """One output channel.  Segmentation labels carry segment codes, all carry a finding."""
 
-    index: int
-    name: str
-    threshold: float
+    index: Annotated[int, Field(ge=0)]
+    name: Annotated[str, Field(min_length=1)]
+    threshold: Probability
     finding: Code
     segment_category: Code | None = None
     segment_type: Code | None = None
     aggregation: Literal["max", "mean"] = "max"
 
 
-@dataclass(frozen=True)
+def label_errors(labels: tuple[Label, ...], task: str, where: str = "labels") -> list[str]:
+    """What a task needs of its labels: codes filled in; segment codes for segmentation."""
+    errors = []
+    for i, label in enumerate(labels):
+        for name in ("finding", "segment_category", "segment_type"):
+            code = getattr(label, name)
+            if code is not None and not (code.value and code.scheme and code.meaning):
+                errors.append(f"{where}[{i}].{name} needs value, scheme and meaning")
+        if task == "segmentation" and (
+            label.segment_category is None or label.segment_type is None
+        ):
+            errors.append(
+                f"{where}[{i}] needs segment_category and segment_type (segmentation task)"
+            )
+    return errors
+
+
+@dataclass(frozen=True, config=STRICT)
 class ModelCard:
-    name: str
-    version: str
-    task: Literal["segmentation", "classification"]
-    model_file: str
-    sha256: str
-    opset: int
+    name: Annotated[str, Field(min_length=1)]
+    version: Annotated[str, Field(min_length=1)]
+    task: Task
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    opset: Annotated[int, Field(ge=7, le=25)]
     input: InputSpec
     preprocessing: Preprocessing
     output: OutputSpec
-    labels: tuple[Label, ...]
-    intended_use: str
+    labels: Annotated[tuple[Label, ...], Field(min_length=1)]
+    intended_use: Annotated[str, Field(min_length=1)]
     disclaimer: str
+    model_file: str = "model.onnx"
     description: str = ""
     manufacturer: str = "dicomnode"
-    min_component_volume_mm3: float = 0.0
+    min_component_volume_mm3: Annotated[float, Field(ge=0)] = 0.0
     training_data: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    schema: str = CARD_SCHEMA
+    schema: Literal["dicomnode.bundle/1"] = CARD_SCHEMA
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        errors = label_errors(self.labels, self.task)
+        if sorted(lb.index for lb in self.labels) != list(range(len(self.labels))):
+            errors.append("labels[].index must number the channels 0..n-1")
+        if DISCLAIMER_PHRASE not in self.disclaimer.lower():
+            errors.append(f"disclaimer must state '{DISCLAIMER_PHRASE}'")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; absent optional codes are left out (not written as null)."""
-        data = asdict(self)
+        data = dataclasses.asdict(self)
         for label in data["labels"]:
             for key in ("segment_category", "segment_type"):
                 if label[key] is None:
@@ -101,7 +157,7 @@ class ModelCard:
         return data
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Bundle:
     """A validated bundle on disk."""
 
@@ -113,155 +169,20 @@ class Bundle:
         return self.path / self.card.model_file
 
 
-def _req(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise ModelError(f"card field '{where}{key}' is missing")
-    value = d[key]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ModelError(f"card field '{where}{key}' has the wrong type")
-    if not isinstance(value, kind):
-        raise ModelError(f"card field '{where}{key}' has the wrong type: {type(value).__name__}")
-    return value
-
-
-def _no_unknown(d: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ModelError(f"unknown card field(s) {', '.join(where + u for u in unknown)}")
-
-
-def parse_code(d: Any, where: str) -> Code:
-    if not isinstance(d, dict):
-        raise ModelError(f"card field '{where}' must be a table with value, scheme, meaning")
-    _no_unknown(d, {"value", "scheme", "meaning"}, where + ".")
-    return Code(
-        value=_req(d, "value", str, where + "."),
-        scheme=_req(d, "scheme", str, where + "."),
-        meaning=_req(d, "meaning", str, where + "."),
-    )
-
-
-def _choice(value: Any, allowed: tuple[str, ...], where: str) -> Any:
-    if value not in allowed:
-        raise ModelError(f"card field '{where}' must be one of {', '.join(allowed)}, not {value!r}")
-    return value
-
-
-def parse_preprocessing(d: dict[str, Any]) -> Preprocessing:
-    w = "preprocessing."
-    _no_unknown(d, set(Preprocessing.__dataclass_fields__), w)
-    p = Preprocessing(
-        window_min=float(_req(d, "window_min", (int, float), w)),
-        window_max=float(_req(d, "window_max", (int, float), w)),
-        normalisation=_choice(
-            d.get("normalisation", "minmax"), ("minmax", "zscore"), w + "normalisation"
-        ),
-        mean=float(d.get("mean", 0.0)),
-        std=float(d.get("std", 1.0)),
-        target_spacing_mm=(
-            None if d.get("target_spacing_mm") is None else float(d["target_spacing_mm"])
-        ),
-        pad_multiple=int(d.get("pad_multiple", 16)),
-    )
-    if p.window_max <= p.window_min:
-        raise ModelError("card field 'preprocessing.window_max' must exceed window_min")
-    if p.std <= 0:
-        raise ModelError("card field 'preprocessing.std' must be positive")
-    if p.target_spacing_mm is not None and p.target_spacing_mm <= 0:
-        raise ModelError("card field 'preprocessing.target_spacing_mm' must be positive")
-    if p.pad_multiple < 1:
-        raise ModelError("card field 'preprocessing.pad_multiple' must be >= 1")
-    return p
-
-
-def _label(d: Any, i: int, task: str) -> Label:
-    w = f"labels[{i}]."
-    if not isinstance(d, dict):
-        raise ModelError(f"card field 'labels[{i}]' must be a table")
-    _no_unknown(d, set(Label.__dataclass_fields__), w)
-    threshold = float(_req(d, "threshold", (int, float), w))
-    if not 0.0 < threshold < 1.0:
-        raise ModelError(f"card field '{w}threshold' must be in (0, 1)")
-    label = Label(
-        index=int(_req(d, "index", int, w)),
-        name=_req(d, "name", str, w),
-        threshold=threshold,
-        finding=parse_code(_req(d, "finding", dict, w), w + "finding"),
-        segment_category=None
-        if d.get("segment_category") is None
-        else parse_code(d["segment_category"], w + "segment_category"),
-        segment_type=None
-        if d.get("segment_type") is None
-        else parse_code(d["segment_type"], w + "segment_type"),
-        aggregation=_choice(d.get("aggregation", "max"), ("max", "mean"), w + "aggregation"),
-    )
-    if task == "segmentation" and (label.segment_category is None or label.segment_type is None):
-        raise ModelError(f"card field '{w}segment_category/segment_type' required for segmentation")
-    return label
-
-
 def parse_card(data: Any) -> ModelCard:
-    """Validate a card dictionary (as read from JSON) into a :class:`ModelCard`."""
-    if not isinstance(data, dict):
-        raise ModelError("card must be a JSON object")
-    _no_unknown(data, set(ModelCard.__dataclass_fields__), "")
-    schema = data.get("schema", CARD_SCHEMA)
-    if schema != CARD_SCHEMA:
-        raise ModelError(f"card field 'schema' is {schema!r}; this runtime reads {CARD_SCHEMA!r}")
-    task = _choice(_req(data, "task", str, ""), ("segmentation", "classification"), "task")
-    inp = _req(data, "input", dict, "")
-    _no_unknown(inp, set(InputSpec.__dataclass_fields__), "input.")
-    out = _req(data, "output", dict, "")
-    _no_unknown(out, set(OutputSpec.__dataclass_fields__), "output.")
-    labels_raw = _req(data, "labels", list, "")
-    if not labels_raw:
-        raise ModelError("card field 'labels' must list at least one label")
-    labels = tuple(_label(d, i, task) for i, d in enumerate(labels_raw))
-    if sorted(lb.index for lb in labels) != list(range(len(labels))):
-        raise ModelError("card field 'labels[].index' must number the channels 0..n-1")
-    sha = _req(data, "sha256", str, "")
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ModelError("card field 'sha256' must be 64 lower-case hex digits")
-    disclaimer = _req(data, "disclaimer", str, "")
-    if DISCLAIMER_PHRASE not in disclaimer.lower():
-        raise ModelError(f"card field 'disclaimer' must state '{DISCLAIMER_PHRASE}'")
-    opset = int(_req(data, "opset", int, ""))
-    if not 7 <= opset <= 25:
-        raise ModelError("card field 'opset' is out of range")
-    return ModelCard(
-        name=_req(data, "name", str, ""),
-        version=_req(data, "version", str, ""),
-        task=task,
-        model_file=data.get("model_file", "model.onnx"),
-        sha256=sha,
-        opset=opset,
-        input=InputSpec(
-            name=_req(inp, "name", str, "input."),
-            layout=_choice(inp.get("layout", "NCHW"), ("NCHW", "NHWC"), "input.layout"),
-            dtype=_choice(inp.get("dtype", "float32"), ("float32",), "input.dtype"),
-            context_slices=int(inp.get("context_slices", 1)),
-        ),
-        preprocessing=parse_preprocessing(_req(data, "preprocessing", dict, "")),
-        output=OutputSpec(
-            name=_req(out, "name", str, "output."),
-            activation=_choice(
-                out.get("activation", "sigmoid"),
-                ("sigmoid", "softmax", "none"),
-                "output.activation",
-            ),
-            layout=_choice(out.get("layout", "NCHW"), ("NCHW", "NHWC", "NC"), "output.layout"),
-        ),
-        labels=labels,
-        intended_use=_req(data, "intended_use", str, ""),
-        disclaimer=disclaimer,
-        description=str(data.get("description", "")),
-        manufacturer=str(data.get("manufacturer", "dicomnode")),
-        min_component_volume_mm3=float(data.get("min_component_volume_mm3", 0.0)),
-        training_data=str(data.get("training_data", "")),
-        metrics=dict(data.get("metrics", {})),
-        parity=dict(data.get("parity", {})),
-        provenance=dict(data.get("provenance", {})),
-    )
+    """Validate a card dictionary (as read from JSON) into a :class:`ModelCard`.
+
+    Raises :class:`ModelError` listing every problem, each naming its field."""
+    if isinstance(data, dict) and data.get("schema", CARD_SCHEMA) != CARD_SCHEMA:
+        raise ModelError(
+            f"card field 'schema' is {data['schema']!r}; this runtime reads {CARD_SCHEMA!r}"
+        )
+    return validate_document(ModelCard, data, what="model card", error=ModelError)
+
+
+def card_schema() -> dict[str, Any]:
+    """The JSON Schema of ``card.json`` (``docs/card.schema.json``)."""
+    return json_schema(ModelCard, "dicomnode model bundle card")
 
 
 def sha256_file(path: Path) -> str:
@@ -288,7 +209,10 @@ def load_bundle(path: Path) -> Bundle:
         data = json.loads(card_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{card_path} is not valid JSON: {exc}") from exc
-    card = parse_card(data)
+    try:
+        card = parse_card(data)
+    except ModelError as exc:
+        raise ModelError(f"model bundle {path}: {exc}") from None
     model = path / card.model_file
     if not model.is_file():
         raise ModelError(f"model bundle {path}: model file {card.model_file} is missing")

@@ -2,10 +2,14 @@
 
 A study is complete once no instance of it has arrived for the quiet period (association
 close alone never completes a study: some PACS open one association per image).  The
-timer is the ``last_received_at`` column of the index, so it survives a restart.  At
+timer is the study's ``last_received_at`` in the index, so it survives a restart.  At
 completion the study's series are matched against the routes and one job per matching
 route is created, in the same transaction that marks the study complete; a study that no
 route matches is recorded as ignored with the reasons.
+
+When the study's headers cannot be read (a spooled file missing or unreadable, a full
+file system), that is not "no route matched": the study stays ``receiving`` with the error
+recorded and is tried again with back-off, so the cause is visible and nothing is lost.
 """
 
 from __future__ import annotations
@@ -15,25 +19,30 @@ import time
 from collections.abc import Sequence
 
 from dicomnode.audit import AuditLog
-from dicomnode.jobs.queue import JobQueue
+from dicomnode.config import RetrySettings
+from dicomnode.jobs.store import JobStore
+from dicomnode.routing.rules import SeriesInfo
 from dicomnode.routing.select import RouteLike, explain, match_routes, series_infos
-from dicomnode.spool.index import Index
+from dicomnode.spool.index import Index, StudyState
 
 log = logging.getLogger(__name__)
+
+#: Back-off of a study whose headers could not be read: 2 s doubling up to 5 minutes.
+ROUTING_RETRY = RetrySettings(max_attempts=1_000_000, backoff_initial_s=2.0, backoff_max_s=300.0)
 
 
 class Scheduler:
     def __init__(
         self,
         index: Index,
-        queue: JobQueue,
+        jobs: JobStore,
         routes: Sequence[RouteLike],
         quiet_period_s: float,
         audit: AuditLog | None = None,
     ) -> None:
         self.audit = audit or AuditLog(None)
         self.index = index
-        self.queue = queue
+        self.jobs = jobs
         self.routes = routes
         self.quiet_period_s = quiet_period_s
 
@@ -44,30 +53,42 @@ class Scheduler:
             created.extend(self.complete(study_uid, now))
         return created
 
-    def complete(self, study_uid: str, now: float | None = None) -> list[int]:
+    def _read_series(self, study_uid: str) -> tuple[int, list[SeriesInfo]] | None:
         instances = self.index.latest_instances(study_uid)
         try:
             infos = series_infos((i.series_instance_uid, i.path) for i in instances)
         except Exception as exc:  # an unreadable header must not stall the scheduler
-            log.error("study could not be routed: %s", exc)
-            infos = []
+            error = f"cannot read the study's headers: {type(exc).__name__}: {exc}"
+            delay = self.index.routing_failed(study_uid, error, ROUTING_RETRY.delay)
+            log.error("study not routed yet (%s); trying again in %.0f s", error, delay)
+            self.audit.record(
+                "study", outcome="routing_failed", study_instance_uid=study_uid, error=error[:300]
+            )
+            return None
+        return len(instances), infos
+
+    def complete(self, study_uid: str, now: float | None = None) -> list[int]:
+        read = self._read_series(study_uid)
+        if read is None:
+            return []
+        count, infos = read
         matches = match_routes(self.routes, infos)
         created: list[int] = []
         cutoff = (time.time() if now is None else now) - self.quiet_period_s
-        with self.index.transaction() as conn:
-            row = conn.execute(
-                "SELECT state, generation, last_received_at FROM studies "
-                "WHERE study_instance_uid = ?",
-                (study_uid,),
-            ).fetchone()
-            if row is None or row["state"] != "receiving" or row["last_received_at"] > cutoff:
+        with self.index.db.transaction() as conn:
+            study = self.index.study(study_uid, conn)
+            if (
+                study is None
+                or study.state != StudyState.RECEIVING
+                or study.last_received_at > cutoff
+            ):
                 return []  # an instance arrived meanwhile: wait for the next quiet period
             for m in matches:
-                job_id = self.queue.create(
+                job_id = self.jobs.create(
                     conn,
                     study_uid,
                     m.route,
-                    row["generation"],
+                    study.generation,
                     list(m.series_uids),
                     list(m.destinations),
                 )
@@ -75,7 +96,7 @@ class Scheduler:
                     created.append(job_id)
             if matches:
                 note = "routes: " + ", ".join(m.route for m in matches)
-                state = "complete"
+                state = StudyState.COMPLETE
             else:
                 reasons = [
                     f"{e.route}: {r}"
@@ -83,22 +104,18 @@ class Scheduler:
                     for r in e.verdict.reasons
                 ]
                 note = "no route matched" + (": " + "; ".join(reasons[:6]) if reasons else "")
-                state = "ignored"
-            conn.execute(
-                "UPDATE studies SET state = ?, completed_at = ?, note = ? "
-                "WHERE study_instance_uid = ?",
-                (state, time.time(), note[:2000], study_uid),
-            )
+                state = StudyState.IGNORED
+            self.index.finish_study(conn, study_uid, state, note)
         self.audit.record(
             "study",
-            outcome=state,
+            outcome=str(state),
             study_instance_uid=study_uid,
-            instances=len(instances),
+            instances=count,
             jobs=created,
             note=note[:300],
         )
         if matches:
-            log.info("study complete (%d instances): jobs %s", len(instances), created)
+            log.info("study complete (%d instances): jobs %s", count, created)
         else:
-            log.info("study complete (%d instances) and ignored: %s", len(instances), note)
+            log.info("study complete (%d instances) and ignored: %s", count, note)
         return created

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -41,20 +40,18 @@ class ReceiveCounters:
 
 
 class StorageSCP:
-    """Runs the node's listening AE; ``on_stored`` is told each study UID that grew."""
+    """Runs the node's listening AE: C-ECHO, and C-STORE into the spool."""
 
     def __init__(
         self,
         settings: NodeSettings,
         spool: Spool,
-        on_stored: Callable[[str], None] | None = None,
         audit: AuditLog | None = None,
     ) -> None:
         patches.check_pynetdicom()
         self.settings = settings
         self.spool = spool
         self.audit = audit or AuditLog(None)
-        self.on_stored = on_stored
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -207,8 +204,6 @@ class StorageSCP:
             study_instance_uid=header.study_instance_uid,
             sop_class_uid=header.sop_class_uid,
         )
-        if self.on_stored is not None:
-            self.on_stored(header.study_instance_uid)
         return status.SUCCESS
 
     def _log_open(self, event: Event) -> None:

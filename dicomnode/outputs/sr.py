@@ -355,10 +355,10 @@ def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
 
 
 def _groups(
-    result: PipelineResult, segmentation: Dataset, uid_seed: str | None
+    result: PipelineResult, segmentation: Dataset | None, uid_seed: str | None
 ) -> list[MeasurementGroup]:
     groups: list[MeasurementGroup] = [
-        _finding_group(f, result, segmentation) for f in result.findings
+        _finding_group(f, result, segmentation) for f in result.findings if segmentation
     ]
     groups.extend(
         _classification_group(c, result.algorithm, new_uid(uid_seed, "classification", str(i)))
@@ -381,7 +381,7 @@ def _groups(
 def build_measurement_report(
     result: PipelineResult,
     source_datasets: Sequence[Dataset],
-    segmentation: Dataset,
+    segmentation: Dataset | None,
     *,
     series_number: int = 9002,
     instance_number: int = 1,
@@ -399,7 +399,8 @@ def build_measurement_report(
         The source series in the volume's slice order (headers suffice), as for
         :func:`dicomnode.outputs.seg.build_segmentation`.
     segmentation
-        The SEG built from the same result; findings reference its segments.
+        The SEG built from the same result; findings reference its segments.  None for a
+        result without segments (a classification-only pipeline).
     series_number, instance_number
         SeriesNumber and InstanceNumber of the new SR.
     procedure_reported
@@ -421,7 +422,12 @@ def build_measurement_report(
     check_algorithm(result.algorithm)
     check_source_datasets(result, source_datasets)
     _check_patient_study(source_datasets[0])
-    segment_numbers = _segment_numbers(segmentation, result)
+    if segmentation is None:
+        if result.segments or result.findings:
+            raise OutputError("segmentation is None but the result has segments or findings")
+        segment_numbers: set[int] = set()
+    else:
+        segment_numbers = _segment_numbers(segmentation, result)
     _check_findings(result, segment_numbers)
     _check_classifications(result.classifications)
     for i, segment in enumerate(result.segments):
@@ -438,7 +444,7 @@ def build_measurement_report(
     try:
         root = _measurement_report(result, source_datasets, groups, procedures)
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*source_datasets, segmentation],
+            evidence=[*source_datasets, *([] if segmentation is None else [segmentation])],
             content=root,
             series_instance_uid=new_uid(uid_seed, "sr", "series"),
             series_number=series_number,

@@ -8,6 +8,7 @@ between voxel centres of the component's surface), mean HU and centroid.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,13 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from dicomnode.imaging.volume import Volume
-from dicomnode.inference.card import Code, Label
+from dicomnode.inference.card import Label
 from dicomnode.inference.preprocess import prepare_slices
 from dicomnode.inference.runner import BundleRunner
+from dicomnode.pipelines.base import BundleRole, Pipeline
+from dicomnode.pipelines.classification import algorithm_of, classify_volume
 from dicomnode.pipelines.results import (
     AlgorithmInfo,
-    Classification,
     Finding,
     PipelineResult,
     SegmentResult,
@@ -36,7 +38,6 @@ _BRUTE_FORCE_POINTS = 256
 _PAIRS_PER_CHUNK = 1 << 21
 #: Relative singular value below which a point set counts as flat (or as a line).
 _FLAT_TOLERANCE = 1e-9
-ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
 
 
 def longest_diameter_mm(points_mm: npt.NDArray[np.float64]) -> float:
@@ -137,8 +138,7 @@ class LesionPipeline:
 
     @property
     def algorithm(self) -> AlgorithmInfo:
-        card = self.segmentation.card
-        return AlgorithmInfo(card.name, card.version, card.manufacturer, ALGORITHM_FAMILY)
+        return algorithm_of(self.segmentation)
 
     def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
         card = self.segmentation.card
@@ -162,13 +162,9 @@ class LesionPipeline:
         classifications = []
         if self.classification is not None:
             same = self.classification.card.preprocessing == card.preprocessing
-            per_slice = self.classification.predict_classification(
-                volume.pixels, volume.pixel_spacing, prepared if same else None
+            classifications = classify_volume(
+                self.classification, volume, prepared if same else None
             )
-            for label in self.classification.card.labels:
-                column = per_slice[:, label.index]
-                p = float(column.max() if label.aggregation == "max" else column.mean())
-                classifications.append(Classification(label, p, p >= label.threshold))
         log.info(
             "pipeline %s: %d finding(s) on %d slices", card.name, len(findings), volume.shape[0]
         )
@@ -179,3 +175,20 @@ class LesionPipeline:
             classifications=tuple(classifications),
             algorithm=self.algorithm,
         )
+
+
+class LesionKind:
+    """``kind = "lesion"``: ``bundles.segmentation`` (required), ``bundles.classification``
+    (optional); a SEG with one segment per label and an SR with the findings."""
+
+    roles: Mapping[str, BundleRole] = {
+        "segmentation": BundleRole("segmentation"),
+        "classification": BundleRole("classification", required=False),
+    }
+    emits_segmentation = True
+
+    def build(self, runners: Mapping[str, BundleRunner]) -> Pipeline:
+        return LesionPipeline(runners["segmentation"], runners.get("classification"))
+
+
+KIND = LesionKind()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label
+
+#: (123110, DCM, "Artificial Intelligence"): the algorithm family of every model here.
+ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class AlgorithmInfo:
     name: str
     version: str
     manufacturer: str
-    family: Code = field(default_factory=lambda: Code("123110", "DCM", "Artificial Intelligence"))
+    family: Code = ALGORITHM_FAMILY
 
 
 @dataclass(frozen=True)

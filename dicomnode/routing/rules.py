@@ -18,6 +18,7 @@ values of a multi-valued attribute), ``lt``/``le``/``gt``/``ge`` (numeric), ``ex
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,7 +76,9 @@ def _check_keyword(keyword: str, where: str) -> None:
     if keyword == COUNT_KEY:
         return
     if keyword not in keyword_dict:
-        raise ConfigError(f"'{where}' is not a DICOM keyword (see PS3.6) nor '{COUNT_KEY}'")
+        close = difflib.get_close_matches(keyword, [*keyword_dict, COUNT_KEY], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{where}' is not a DICOM keyword (see PS3.6) nor '{COUNT_KEY}'{hint}")
     if dictionary_VR(keyword_dict[keyword]) == "SQ":
         raise ConfigError(f"'{where}' is a sequence; rules match element values only")
 
@@ -91,7 +94,11 @@ def _conditions(keyword: str, spec: Any, where: str, negate: bool = False) -> li
     for op, operand in spec.items():
         key = f"{where}.{op}"
         if op not in _OPERATORS:
-            raise ConfigError(f"unknown operator '{key}' (use one of {', '.join(_OPERATORS)})")
+            close = difflib.get_close_matches(op, _OPERATORS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"'{key}' is not an operator (use one of {', '.join(_OPERATORS)}){hint}"
+            )
         if op == "not":
             inner = _conditions(keyword, operand, key, negate=not negate)
             out.extend(inner)
@@ -114,17 +121,31 @@ def _conditions(keyword: str, spec: Any, where: str, negate: bool = False) -> li
 
 
 def parse_rule(tables: Sequence[Mapping[str, Any]], where: str = "match") -> SeriesRule:
-    """Validate rule tables (from config) into a :class:`SeriesRule`."""
-    if not tables:
+    """Validate rule tables (from config) into a :class:`SeriesRule`.
+
+    Every bad condition is reported: the :class:`ConfigError` has one line per problem in
+    ``errors``, each starting with the key path in quotes."""
+    if not isinstance(tables, Sequence) or isinstance(tables, str) or not tables:
         raise ConfigError(f"'{where}' needs at least one table of conditions ([[...match]])")
     alternatives = []
+    errors: list[str] = []
     for i, table in enumerate(tables):
+        if not isinstance(table, Mapping):
+            errors.append(f"'{where}[{i}]' must be a table of conditions")
+            continue
         conds: list[Condition] = []
         for keyword, spec in table.items():
             key = f"{where}[{i}].{keyword}"
-            _check_keyword(keyword, key)
-            conds.extend(_conditions(keyword, spec, key))
+            try:
+                _check_keyword(keyword, key)
+                conds.extend(_conditions(keyword, spec, key))
+            except ConfigError as exc:
+                errors.append(str(exc))
         alternatives.append(tuple(conds))
+    if errors:
+        error = ConfigError("\n".join(errors))
+        error.errors = tuple(errors)
+        raise error
     return SeriesRule(tuple(alternatives))
 
 

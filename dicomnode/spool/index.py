@@ -1,52 +1,42 @@
-"""The SQLite (WAL) index: instances and studies, shared by every process of a node.
+"""The index of received instances and studies: the only module that runs SQL on them.
 
-Each thread or process opens its own connection (:meth:`Index.connect`).  The database is
-in WAL mode with ``synchronous=FULL``, so a committed row survives a crash or power loss
-before the C-STORE response goes out.  Other layers add their tables with
-:meth:`Index.ensure_schema`.
+A study moves through :class:`StudyState` along the edges of :data:`STUDY_TRANSITIONS`
+only::
+
+    receiving -> complete   (quiet period over, routes matched, jobs created)
+    receiving -> ignored    (quiet period over, no route matched)
+    complete | ignored -> receiving   (a late instance, late_arrivals = "rerun":
+                                       a new generation)
+
+A study whose routing could not be decided (a spooled header that cannot be read) stays
+``receiving`` with its error recorded and is tried again after a back-off.  Paths are
+stored relative to the data directory (:meth:`dicomnode.db.Database.relative`).
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    calling_ae TEXT NOT NULL,
-    calling_host TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    UNIQUE (sop_instance_uid, version)
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_instance_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('receiving', 'complete', 'ignored')),
-    generation INTEGER NOT NULL DEFAULT 1,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    completed_at REAL,
-    calling_ae TEXT NOT NULL,
-    calling_host TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS studies_state ON studies (state, last_received_at);
-"""
+from dicomnode.db import Database
+from dicomnode.states import check_transition
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    IGNORED = "ignored"
+
+
+STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVING: frozenset({StudyState.COMPLETE, StudyState.IGNORED}),
+    StudyState.COMPLETE: frozenset({StudyState.RECEIVING}),
+    StudyState.IGNORED: frozenset({StudyState.RECEIVING}),
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +57,7 @@ class InstanceRecord:
 @dataclass(frozen=True)
 class StudyRecord:
     study_instance_uid: str
-    state: str
+    state: StudyState
     generation: int
     first_received_at: float
     last_received_at: float
@@ -75,58 +65,58 @@ class StudyRecord:
     calling_ae: str
     calling_host: str
     note: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The UIDs a received instance is filed under (read without decoding it)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance to index, its file already durable at ``path`` (data-dir relative)."""
+
+    header: InstanceHeader
+    version: int
+    path: str
+    sha256: str
+    size: int
+    calling_ae: str
+    calling_host: str
 
 
 class Index:
-    """Opens connections to the node's SQLite index at ``data_dir/index.sqlite3``."""
+    """Instances and studies in the node's database."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.path = data_dir / "index.sqlite3"
-        self._local = threading.local()
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.ensure_schema(SCHEMA)
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-    def connect(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
+    def _instance(self, r: sqlite3.Row) -> InstanceRecord:
+        fields = {k: r[k] for k in InstanceRecord.__dataclass_fields__}
+        fields["path"] = self.db.resolve(r["path"])
+        return InstanceRecord(**fields)
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    @staticmethod
+    def _study(r: sqlite3.Row) -> StudyRecord:
+        fields = {k: r[k] for k in StudyRecord.__dataclass_fields__}
+        fields["state"] = StudyState(r["state"])
+        return StudyRecord(**fields)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error)."""
-        conn = self.connect()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def ensure_schema(self, script: str) -> None:
-        conn = self.connect()
-        conn.executescript(script)
-
-    # --- queries -----------------------------------------------------------------
+    # --- instances -------------------------------------------------------------------
 
     def latest_instances(self, study_uid: str) -> list[InstanceRecord]:
         """The newest version of every instance of a study."""
         rows = (
-            self.connect()
+            self.db.connect()
             .execute(
                 """SELECT * FROM instances i WHERE study_instance_uid = ? AND version = (
                    SELECT MAX(version) FROM instances j
@@ -136,82 +126,190 @@ class Index:
             )
             .fetchall()
         )
-        return [_instance(r) for r in rows]
+        return [self._instance(r) for r in rows]
 
     def instance_paths(self, study_uid: str) -> list[Path]:
         """Every stored file (all versions) of a study."""
-        rows = self.connect().execute(
+        rows = self.db.connect().execute(
             "SELECT path FROM instances WHERE study_instance_uid = ?", (study_uid,)
         )
-        return [Path(r[0]) for r in rows]
+        return [self.db.resolve(r[0]) for r in rows]
 
     def instance_versions(self, sop_instance_uid: str) -> list[InstanceRecord]:
         rows = (
-            self.connect()
+            self.db.connect()
             .execute(
                 "SELECT * FROM instances WHERE sop_instance_uid = ? ORDER BY version",
                 (sop_instance_uid,),
             )
             .fetchall()
         )
-        return [_instance(r) for r in rows]
+        return [self._instance(r) for r in rows]
 
-    def study(self, study_uid: str) -> StudyRecord | None:
+    def add_instance(self, new: NewInstance, *, rerun_late: bool) -> None:
+        """Index an instance and note the activity on its study, in one transaction.
+
+        A late instance for a complete or ignored study starts a new generation
+        (``rerun_late``) or is only recorded.  Raises ``sqlite3.IntegrityError`` when the
+        version was indexed meanwhile by another process.
+        """
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute(
+                """INSERT INTO instances (sop_instance_uid, version, sop_class_uid,
+                   study_instance_uid, series_instance_uid, transfer_syntax_uid, path, sha256,
+                   size, calling_ae, calling_host, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    new.header.sop_instance_uid,
+                    new.version,
+                    new.header.sop_class_uid,
+                    new.header.study_instance_uid,
+                    new.header.series_instance_uid,
+                    new.header.transfer_syntax_uid,
+                    new.path,
+                    new.sha256,
+                    new.size,
+                    new.calling_ae,
+                    new.calling_host,
+                    now,
+                ),
+            )
+            self._note_arrival(conn, new, now, rerun_late)
+
+    def _note_arrival(
+        self, conn: sqlite3.Connection, new: NewInstance, now: float, rerun_late: bool
+    ) -> None:
+        uid = new.header.study_instance_uid
+        row = conn.execute("SELECT state FROM studies WHERE study_instance_uid = ?", (uid,))
+        found = row.fetchone()
+        if found is None:
+            conn.execute(
+                """INSERT INTO studies (study_instance_uid, state, generation, first_received_at,
+                   last_received_at, calling_ae, calling_host)
+                   VALUES (?, 'receiving', 1, ?, ?, ?, ?)""",
+                (uid, now, now, new.calling_ae, new.calling_host),
+            )
+        elif found["state"] == StudyState.RECEIVING:
+            conn.execute(
+                "UPDATE studies SET last_received_at = ?, calling_ae = ?, calling_host = ? "
+                "WHERE study_instance_uid = ?",
+                (now, new.calling_ae, new.calling_host, uid),
+            )
+        elif rerun_late:
+            self._move(conn, uid, StudyState.RECEIVING)
+            conn.execute(
+                "UPDATE studies SET generation = generation + 1, last_received_at = ?, "
+                "completed_at = NULL, calling_ae = ?, calling_host = ?, attempts = 0, "
+                "next_attempt_at = 0, last_error = '' WHERE study_instance_uid = ?",
+                (now, new.calling_ae, new.calling_host, uid),
+            )
+        else:
+            conn.execute(
+                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ?",
+                (now, uid),
+            )
+
+    def touch_study(self, study_uid: str) -> None:
+        """A duplicate still counts as activity for the study's quiet period."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ? "
+                "AND state = 'receiving'",
+                (time.time(), study_uid),
+            )
+
+    # --- studies ---------------------------------------------------------------------
+
+    def study(self, study_uid: str, conn: sqlite3.Connection | None = None) -> StudyRecord | None:
         row = (
-            self.connect()
+            (conn or self.db.connect())
             .execute("SELECT * FROM studies WHERE study_instance_uid = ?", (study_uid,))
             .fetchone()
         )
-        return None if row is None else _study(row)
+        return None if row is None else self._study(row)
 
-    def studies(self, state: str | None = None) -> list[StudyRecord]:
+    def studies(self, state: StudyState | None = None) -> list[StudyRecord]:
         sql = "SELECT * FROM studies"
         args: tuple[str, ...] = ()
         if state is not None:
             sql += " WHERE state = ?"
-            args = (state,)
-        return [_study(r) for r in self.connect().execute(sql + " ORDER BY rowid", args)]
+            args = (str(state),)
+        return [self._study(r) for r in self.db.connect().execute(sql + " ORDER BY rowid", args)]
 
     def quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
-        """Studies still receiving whose last instance is older than the quiet period."""
-        cutoff = (time.time() if now is None else now) - quiet_period_s
+        """Studies still receiving whose last instance is older than the quiet period
+        (and whose routing, if it failed before, is due to be tried again)."""
+        now = time.time() if now is None else now
         rows = (
-            self.connect()
+            self.db.connect()
             .execute(
                 "SELECT study_instance_uid FROM studies WHERE state = 'receiving' "
-                "AND last_received_at <= ? ORDER BY last_received_at",
-                (cutoff,),
+                "AND last_received_at <= ? AND next_attempt_at <= ? ORDER BY last_received_at",
+                (now - quiet_period_s, now),
             )
             .fetchall()
         )
         return [r[0] for r in rows]
 
+    def _move(self, conn: sqlite3.Connection, study_uid: str, new: StudyState) -> None:
+        row = conn.execute(
+            "SELECT state FROM studies WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no study {study_uid}")
+        check_transition(STUDY_TRANSITIONS, f"study {study_uid}", StudyState(row["state"]), new)
+        conn.execute(
+            "UPDATE studies SET state = ? WHERE study_instance_uid = ?", (str(new), study_uid)
+        )
 
-def _instance(r: sqlite3.Row) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=r["sop_instance_uid"],
-        version=r["version"],
-        sop_class_uid=r["sop_class_uid"],
-        study_instance_uid=r["study_instance_uid"],
-        series_instance_uid=r["series_instance_uid"],
-        transfer_syntax_uid=r["transfer_syntax_uid"],
-        path=Path(r["path"]),
-        sha256=r["sha256"],
-        size=r["size"],
-        calling_ae=r["calling_ae"],
-        received_at=r["received_at"],
-    )
+    def finish_study(
+        self, conn: sqlite3.Connection, study_uid: str, state: StudyState, note: str
+    ) -> None:
+        """Inside the caller's transaction: receiving -> complete | ignored."""
+        self._move(conn, study_uid, state)
+        conn.execute(
+            "UPDATE studies SET completed_at = ?, note = ?, attempts = 0, last_error = '' "
+            "WHERE study_instance_uid = ?",
+            (time.time(), note[:2000], study_uid),
+        )
 
+    def routing_failed(self, study_uid: str, error: str, backoff: Callable[[int], float]) -> float:
+        """Record why a study could not be routed; it is tried again after
+        ``backoff(attempts)`` seconds, which is returned."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT attempts FROM studies WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+            attempts = 1 + (0 if row is None else int(row[0]))
+            delay = backoff(attempts)
+            conn.execute(
+                "UPDATE studies SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                "WHERE study_instance_uid = ? AND state = 'receiving'",
+                (attempts, time.time() + delay, error[:2000], study_uid),
+            )
+        return delay
 
-def _study(r: sqlite3.Row) -> StudyRecord:
-    return StudyRecord(
-        study_instance_uid=r["study_instance_uid"],
-        state=r["state"],
-        generation=r["generation"],
-        first_received_at=r["first_received_at"],
-        last_received_at=r["last_received_at"],
-        completed_at=r["completed_at"],
-        calling_ae=r["calling_ae"],
-        calling_host=r["calling_host"],
-        note=r["note"],
-    )
+    def restart_quiet_periods(self, conn: sqlite3.Connection, now: float) -> int:
+        """After a restart: studies still receiving get a full quiet period again (their
+        senders could not send while the node was down)."""
+        return conn.execute(
+            "UPDATE studies SET last_received_at = ? "
+            "WHERE state = 'receiving' AND last_received_at < ?",
+            (now, now),
+        ).rowcount
+
+    def finished_before(self, cutoff: float) -> list[str]:
+        """Studies complete or ignored before ``cutoff`` (candidates for retention)."""
+        rows = self.db.connect().execute(
+            "SELECT study_instance_uid FROM studies WHERE state IN ('complete', 'ignored') "
+            "AND completed_at < ? ORDER BY completed_at",
+            (cutoff,),
+        )
+        return [r[0] for r in rows]
+
+    def remove_study(self, study_uid: str) -> None:
+        """Delete a study's index rows (its files are the spool's to delete first)."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
+            conn.execute("DELETE FROM studies WHERE study_instance_uid = ?", (study_uid,))

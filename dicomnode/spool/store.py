@@ -16,15 +16,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 import shutil
 import sqlite3
 import threading
-import time
-import uuid
 import zlib
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -33,11 +29,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
-from dicomnode.spool.index import Index
+from dicomnode.fsutil import remove_partial_files, write_bytes_atomically
+from dicomnode.spool.index import Index, InstanceHeader, NewInstance
 from dicomnode.spool.structure import Structure, check_structure, split_file_meta
 
 log = logging.getLogger(__name__)
 
+SPOOL_DIR = "spool"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HEADER_TAGS = {
     "SOPClassUID": 0x00080016,
@@ -56,15 +54,6 @@ class StoreOutcome(Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     NEW_VERSION = "new_version"
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
 
 
 def read_header(encoded: bytes) -> InstanceHeader:
@@ -140,21 +129,13 @@ def _check_pixels(structure: Structure, sop_class: str) -> None:
         )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Received instances on disk plus their index rows."""
 
     def __init__(
         self, data_dir: Path, index: Index, *, min_free_bytes: int, rerun_late: bool = True
     ) -> None:
-        self.root = data_dir / "spool"
+        self.root = data_dir / SPOOL_DIR
         self.tmp = data_dir / "tmp"
         self.index = index
         self.min_free_bytes = min_free_bytes
@@ -201,31 +182,30 @@ class Spool:
         if versions and any(v.sha256 == digest for v in versions):
             log.info("duplicate instance %s ignored (identical bytes)", header.sop_instance_uid)
             try:
-                self._touch_study(header, calling_ae, calling_host)
+                self.index.touch_study(header.study_instance_uid)
             except sqlite3.Error as exc:  # stored already: still acknowledged
                 log.warning("duplicate %s: study not touched: %s", header.sop_instance_uid, exc)
             return StoreOutcome.DUPLICATE
         self.check_space(len(encoded))
         version = (versions[-1].version + 1) if versions else 1
-        folder = self.root / header.study_instance_uid / header.series_instance_uid
-        name = header.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm"
-        final = folder / name
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        relative = "/".join(
+            (
+                SPOOL_DIR,
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm",
+            )
+        )
+        final = self.root.parent / relative
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(encoded)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(folder)
+            write_bytes_atomically(final, encoded, self.tmp)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfResourcesError(f"disk full while writing {name}") from exc
+                raise OutOfResourcesError(f"disk full while writing {final.name}") from exc
             raise SpoolError(f"cannot write {final}: {exc}") from exc
+        new = NewInstance(header, version, relative, digest, len(encoded), calling_ae, calling_host)
         try:
-            self._record(header, version, final, digest, len(encoded), calling_ae, calling_host)
+            self.index.add_instance(new, rerun_late=self.rerun_late)
         except sqlite3.IntegrityError:
             # Another process indexed this version meanwhile: keep its file, store ours anew.
             versions = self.index.instance_versions(header.sop_instance_uid)
@@ -235,7 +215,7 @@ class Spool:
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise OutOfResourcesError(f"disk full while indexing {name}") from exc
+                raise OutOfResourcesError(f"disk full while indexing {final.name}") from exc
             raise SpoolError(f"cannot index {header.sop_instance_uid}: {exc}") from exc
         if version > 1:
             log.warning(
@@ -246,109 +226,20 @@ class Spool:
             return StoreOutcome.NEW_VERSION
         return StoreOutcome.STORED
 
-    def _record(
-        self,
-        h: InstanceHeader,
-        version: int,
-        path: Path,
-        digest: str,
-        size: int,
-        calling_ae: str,
-        calling_host: str,
-    ) -> None:
-        now = time.time()
-        with self.index.transaction() as conn:
-            conn.execute(
-                """INSERT INTO instances (sop_instance_uid, version, sop_class_uid,
-                   study_instance_uid, series_instance_uid, transfer_syntax_uid, path, sha256,
-                   size, calling_ae, calling_host, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    h.sop_instance_uid,
-                    version,
-                    h.sop_class_uid,
-                    h.study_instance_uid,
-                    h.series_instance_uid,
-                    h.transfer_syntax_uid,
-                    str(path),
-                    digest,
-                    size,
-                    calling_ae,
-                    calling_host,
-                    now,
-                ),
-            )
-            self._upsert_study(conn, h.study_instance_uid, calling_ae, calling_host, now)
-
-    def _touch_study(self, h: InstanceHeader, calling_ae: str, calling_host: str) -> None:
-        """A duplicate still counts as activity for the study's quiet period."""
-        with self.index.transaction() as conn:
-            conn.execute(
-                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ? "
-                "AND state = 'receiving'",
-                (time.time(), h.study_instance_uid),
-            )
-
-    def _upsert_study(
-        self,
-        conn: sqlite3.Connection,
-        study_uid: str,
-        calling_ae: str,
-        calling_host: str,
-        now: float,
-    ) -> None:
-        row = conn.execute(
-            "SELECT state FROM studies WHERE study_instance_uid = ?", (study_uid,)
-        ).fetchone()
-        if row is None:
-            conn.execute(
-                """INSERT INTO studies (study_instance_uid, state, generation, first_received_at,
-                   last_received_at, calling_ae, calling_host)
-                   VALUES (?, 'receiving', 1, ?, ?, ?, ?)""",
-                (study_uid, now, now, calling_ae, calling_host),
-            )
-        elif row["state"] == "receiving":
-            conn.execute(
-                "UPDATE studies SET last_received_at = ?, calling_ae = ?, calling_host = ? "
-                "WHERE study_instance_uid = ?",
-                (now, calling_ae, calling_host, study_uid),
-            )
-        elif self.rerun_late:
-            log.info("late instance for processed study: it will be processed again")
-            conn.execute(
-                "UPDATE studies SET state = 'receiving', generation = generation + 1, "
-                "last_received_at = ?, completed_at = NULL, calling_ae = ?, calling_host = ? "
-                "WHERE study_instance_uid = ?",
-                (now, calling_ae, calling_host, study_uid),
-            )
-        else:
-            log.info("late instance for processed study kept; late_arrivals = ignore")
-            conn.execute(
-                "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ?",
-                (now, study_uid),
-            )
-
     def purge_study(self, study_uid: str) -> int:
         """Delete a study's spooled files and index rows (retention); returns files removed."""
-        records = self.index.instance_paths(study_uid)
         removed = 0
-        for path in records:
+        for path in self.index.instance_paths(study_uid):
             if path.exists():
                 path.unlink()
                 removed += 1
         shutil.rmtree(self.root / study_uid, ignore_errors=True)
-        with self.index.transaction() as conn:
-            conn.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
-            conn.execute("DELETE FROM studies WHERE study_instance_uid = ?", (study_uid,))
+        self.index.remove_study(study_uid)
         return removed
 
     def cleanup_tmp(self) -> int:
         """Remove partial files left by a crash (they were never acknowledged)."""
-        count = 0
-        for p in self.tmp.glob("*.part"):
-            p.unlink(missing_ok=True)
-            count += 1
-        return count
+        return remove_partial_files(self.tmp)
 
 
 def is_deflated(transfer_syntax_uid: str) -> bool:

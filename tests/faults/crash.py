@@ -330,7 +330,7 @@ def _crash_report(
     sent = [f for s in studies for f in s]
     acked = [f for f in sent if f in sender.acknowledged]
     rows = {
-        r["sop_instance_uid"]: Path(r["path"])
+        r["sop_instance_uid"]: index.data_dir / r["path"]
         for r in index.query("SELECT sop_instance_uid, path FROM instances")
     }
     missing = []

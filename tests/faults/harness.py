@@ -186,8 +186,8 @@ backoff_max_s = {self.backoff_max_s}
 {remotes}
 [[pipelines]]
 name = "lesion"
-segmentation = "{self.segmentation}"
-classification = "{self.classification}"
+bundles.segmentation = "{self.segmentation}"
+bundles.classification = "{self.classification}"
 batch_size = 16
 providers = ["cpu"]
 [[routes]]
@@ -482,7 +482,7 @@ class IndexView:
     def in_doubt(self) -> list[tuple[int, str, str]]:
         """Outbox rows marked sending: sent or not, the node cannot know (id, destination, path)."""
         rows = self.query("SELECT id, destination, path FROM outbox WHERE state = 'sending'")
-        return [(r["id"], r["destination"], r["path"]) for r in rows]
+        return [(r["id"], r["destination"], str(self.data_dir / r["path"])) for r in rows]
 
     def instance_count(self, study: str | None = None) -> int:
         if study is None:
@@ -515,7 +515,7 @@ class IndexView:
         return [
             (
                 r["destination"],
-                str(dcmread(r["path"], stop_before_pixels=True).SOPInstanceUID),
+                str(dcmread(self.data_dir / r["path"], stop_before_pixels=True).SOPInstanceUID),
                 r["attempts"],
                 r["state"],
             )
@@ -539,7 +539,7 @@ class IndexView:
         problems = []
         indexed = set()
         for r in self.query("SELECT sop_instance_uid, path, sha256, size FROM instances"):
-            path = Path(r["path"])
+            path = self.data_dir / r["path"]
             indexed.add(path)
             if not path.is_file():
                 problems.append(f"instance {r['sop_instance_uid']}: {path} is missing")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.db import Database
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool, StoreOutcome
 
@@ -26,20 +27,20 @@ def test_same_instance_stored_twice_at_once_keeps_an_intact_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data_dir = tmp_path / "node"
-    spool = Spool(data_dir, Index(data_dir), min_free_bytes=0)
+    spool = Spool(data_dir, Index(Database(data_dir)), min_free_bytes=0)
     first = phantom_files[0].read_bytes()
     second = first if same_bytes else first[:-2] + b"\x01\x02"
     # Given two stores of one SOP Instance UID that both wrote their file before indexing
     barrier = threading.Barrier(2, timeout=1)
-    record = Spool._record
+    record = Index.add_instance
 
-    def record_together(self: Spool, *args: object, **kwargs: object) -> None:
+    def record_together(self: Index, *args: object, **kwargs: object) -> None:
         # The other store may never get here (stores are serialised): then go on alone.
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait()
         record(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Spool, "_record", record_together)
+    monkeypatch.setattr(Index, "add_instance", record_together)
     outcomes: list[StoreOutcome] = []
 
     def store(data: bytes) -> None:

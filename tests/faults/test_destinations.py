@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicomnode.app.node import Node
 from dicomnode.audit import read_audit
 from dicomnode.config import Remote, RetrySettings
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom
 
 from .harness import AnsweringSCP, Pacs, SilentListener, free_port, jobs_cli, wait_until
@@ -42,7 +42,7 @@ def _uids(paths: list[Path]) -> list[str]:
 
 
 def _jobs(node: Node) -> str:
-    return repr([(j.id, j.state, j.last_error) for j in node.queue.list_jobs()])
+    return repr([(j.id, j.state, j.last_error) for j in node.jobs.list_jobs()])
 
 
 @pytest.mark.slow
@@ -73,9 +73,9 @@ def test_down_destination_backs_off_and_the_other_is_served_meanwhile(
         # Then B receives SEG and SR while A is down
         received_b = pacs_b.wait_for(2, timeout=60)
         assert len(received_b) == 2, _jobs(node)
-        job = node.queue.list_jobs()[0]
+        job = node.jobs.list_jobs()[0]
         assert job.state == "sending"
-        items_a = [i for i in node.queue.items(job.id) if i.destination == "a"]
+        items_a = [i for i in node.outbox.items(job.id) if i.destination == "a"]
         assert [i.state for i in items_a] != ["done", "done"]
 
         # And A's rows back off (0.2, 0.4, 0.8 s ...) instead of retrying at every poll
@@ -89,14 +89,14 @@ def test_down_destination_backs_off_and_the_other_is_served_meanwhile(
         failed = wait_until(lambda: (f := failures_a()) and len(f) >= 4 and f, 30, "4 failures")
         gaps = [b - a for a, b in itertools.pairwise(failed)]
         assert sum(gaps[:3]) >= 1.2, gaps
-        items_a = [i for i in node.queue.items(job.id) if i.destination == "a"]
+        items_a = [i for i in node.outbox.items(job.id) if i.destination == "a"]
         assert all("cannot associate" in i.last_error for i in items_a), items_a
 
         # When A comes back on the same port
         pacs_a.start()
 
         # Then A gets each result exactly once and the job is done
-        wait_until(lambda: node.queue.get(job.id).state == "done", 30, f"done; {_jobs(node)}")
+        wait_until(lambda: node.jobs.get(job.id).state == "done", 30, f"done; {_jobs(node)}")
         received_a = pacs_a.receptions()
         assert sorted(received_a) == _uids(received_b)
         assert set(received_a.values()) == {1}, received_a
@@ -124,14 +124,14 @@ def test_hung_destinations_do_not_starve_a_working_one(
     try:
         # When a study is processed
         _send(node, phantom_files)
-        wait_until(lambda: node.queue.list_jobs(state="sending"), 60, f"results; {_jobs(node)}")
+        wait_until(lambda: node.jobs.list_jobs(state="sending"), 60, f"results; {_jobs(node)}")
         ready = time.monotonic()
 
         # Then the working PACS has SEG and SR long before the hung ones time out (20 s)
-        job = node.queue.list_jobs()[0]
+        job = node.jobs.list_jobs()[0]
 
         def states() -> Counter[str]:
-            return Counter(i.state for i in node.queue.items(job.id))
+            return Counter(i.state for i in node.outbox.items(job.id))
 
         wait_until(lambda: states()["done"] == 2, 30, f"the working PACS; {states()}")
         waited = time.monotonic() - ready
@@ -164,13 +164,13 @@ def test_refusing_destination_dead_letters_and_jobs_retry_resends(
         # When a study is processed and its results are sent
         _send(node, phantom_files)
         job = wait_until(
-            lambda: next(iter(node.queue.list_jobs(state="failed")), None),
+            lambda: next(iter(node.jobs.list_jobs(state="failed")), None),
             60,
             f"the job to fail; {_jobs(node)}",
         )
 
         # Then each result is dead-lettered at the first attempt with the PACS's status
-        items = node.queue.items(job.id)
+        items = node.outbox.items(job.id)
         assert [(i.state, i.status, i.attempts) for i in items] == [("dead", refusal, 1)] * 2
         assert f"0x{refusal:04X}" in job.last_error
         assert len(scp.answered) == 2
@@ -188,7 +188,7 @@ def test_refusing_destination_dead_letters_and_jobs_retry_resends(
         assert f"job {job.id}: -> sending" in jobs_cli(cli_config, "retry", str(job.id))
 
         # Then the results are sent once more and the job is done
-        wait_until(lambda: node.queue.get(job.id).state == "done", 30, f"done; {_jobs(node)}")
+        wait_until(lambda: node.jobs.get(job.id).state == "done", 30, f"done; {_jobs(node)}")
         assert sorted(scp.accepted) == _uids([i.path for i in items])
         assert "done" in jobs_cli(cli_config, "list", "--state", "done")
     finally:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.app.node import Node
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 from .harness import IndexView, fill

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.node import Node
+from dicomnode.app.node import Node
 
 from .harness import RawStoreClient, Seed, Tally, make_seeds, write_instance
 

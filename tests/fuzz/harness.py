@@ -41,10 +41,10 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from dicomnode.app.node import Node
 from dicomnode.net import status
 from dicomnode.net.patches import keep_stray_responses
 from dicomnode.net.scu import Peer, echo, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 
 NODE_AE = "DICOMNODE"

@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.uid import CTImageStorage
 
+from dicomnode.app.node import Node
 from dicomnode.net import status
-from dicomnode.node import Node
 
 from .harness import (
     LIVENESS_EVERY,

@@ -25,10 +25,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from security.pki import make_pki
 
+from dicomnode.app.node import Node
 from dicomnode.config import TlsSettings
 from dicomnode.net.scu import Peer, echo
 from dicomnode.net.tls import client_context
-from dicomnode.node import Node
 
 from .harness import (
     FUZZ_AE,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicomnode.node import Node
+from dicomnode.app.node import Node
 
 from .harness import (
     LIVENESS_EVERY,

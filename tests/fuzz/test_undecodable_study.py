@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from dicomnode.app.node import Node
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom
 
 from .harness import NODE_AE, SEND_TIMEOUT_S, Tally, watching
@@ -99,11 +99,11 @@ def _send(node: Node, files: list[Path]) -> list[int | None]:
 def _wait_for_jobs(node: Node, states: list[str], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        jobs = node.queue.list_jobs()
+        jobs = node.jobs.list_jobs()
         if sorted(j.state for j in jobs) == sorted(states):
             return
         time.sleep(0.05)
-    found = [(j.id, j.state, j.last_error[:120]) for j in node.queue.list_jobs()]
+    found = [(j.id, j.state, j.last_error[:120]) for j in node.jobs.list_jobs()]
     raise AssertionError(f"timed out waiting for jobs {states}; found {found}")
 
 
@@ -127,7 +127,7 @@ def test_undecodable_study_fails_its_job_and_the_next_study_succeeds(
 
         # Then its job fails at once with a clear ImagingError naming file and syntax
         _wait_for_jobs(node, ["failed"])
-        job = node.queue.list_jobs()[0]
+        job = node.jobs.list_jobs()[0]
         assert job.last_error.startswith("ImagingError: "), job.last_error
         assert "cannot decode pixel data" in job.last_error and syntax in job.last_error
         assert job.attempts == 1

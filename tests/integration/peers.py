@@ -21,7 +21,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pynetdicom import AE, _config
 
-from dicomnode.node import Node
+from dicomnode.app.node import Node
 
 T = TypeVar("T")
 
@@ -46,11 +46,11 @@ def peer_environment() -> dict[str, str]:
 
 
 def describe_jobs(node: Node) -> str:
-    return repr([(j.id, j.state, j.attempts, j.last_error) for j in node.queue.list_jobs()])
+    return repr([(j.id, j.state, j.attempts, j.last_error) for j in node.jobs.list_jobs()])
 
 
 def job_states(node: Node) -> list[str]:
-    return [j.state for j in node.queue.list_jobs()]
+    return [j.state for j in node.jobs.list_jobs()]
 
 
 def run_storescu(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from dicomnode.app.node import Node
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom
 
 from .peers import describe_jobs, wait_until
@@ -30,7 +30,7 @@ def _send(node: Node, files: list[Path]) -> None:
 
 
 def _done_jobs(node: Node, count: int) -> bool:
-    jobs = node.queue.list_jobs()
+    jobs = node.jobs.list_jobs()
     return len(jobs) == count and all(j.state == "done" for j in jobs)
 
 
@@ -50,7 +50,7 @@ def test_study_over_several_associations_is_one_job(
 
     # Then it is completed once, as one job over all its instances
     wait_until(lambda: _done_jobs(node, 1), 60, f"one done job; {describe_jobs(node)}")
-    job = node.queue.list_jobs()[0]
+    job = node.jobs.list_jobs()[0]
     summary = json.loads(job.summary)["series"]
     assert [s["slices"] for s in summary] == [len(phantom_files)]
     assert len(folder_scp.received) == 2
@@ -78,7 +78,7 @@ def test_late_instance_reruns_the_study(
 
     # Then the study runs again as generation 2 and new results are delivered
     wait_until(lambda: _done_jobs(node, 2), 60, f"second job done; {describe_jobs(node)}")
-    assert sorted(j.generation for j in node.queue.list_jobs()) == [1, 2]
+    assert sorted(j.generation for j in node.jobs.list_jobs()) == [1, 2]
     received = folder_scp.wait_for(4, timeout=10)
     assert len(received) == 4
     assert len({dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received}) == 4

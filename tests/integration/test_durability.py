@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicomnode.app.node import Node
 from dicomnode.config import RetrySettings
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 from .peers import (
@@ -40,7 +40,7 @@ def _send(node: Node, files: list[Path]) -> None:
 
 
 def _one_done_job(node: Node) -> bool:
-    return [j.state for j in node.queue.list_jobs()] == ["done"]
+    return [j.state for j in node.jobs.list_jobs()] == ["done"]
 
 
 def _sop_classes(paths: list[Path]) -> list[str]:
@@ -61,7 +61,7 @@ def test_restart_between_receive_and_processing_processes_once(
     _send(first, phantom_files)
     study = first.index.study(study_uid)
     assert study is not None and study.state == "receiving"
-    assert first.queue.list_jobs() == []
+    assert first.jobs.list_jobs() == []
 
     # When the node stops and starts again over the same data directory
     first.stop()
@@ -70,18 +70,18 @@ def test_restart_between_receive_and_processing_processes_once(
     # Then the study is completed from the index, processed once and delivered once
     wait_until(lambda: _one_done_job(second), 60, f"one done job; {describe_jobs(second)}")
     assert _sop_classes(folder_scp.received) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
-    job = second.queue.list_jobs()[0]
+    job = second.jobs.list_jobs()[0]
     assert job.attempts == 1 and job.generation == 1
-    assert [i.state for i in second.queue.items(job.id)] == ["done", "done"]
+    assert [i.state for i in second.outbox.items(job.id)] == ["done", "done"]
     assert len(second.index.latest_instances(study_uid)) == len(phantom_files)
 
     # And a further restart finds nothing left to do
     second.stop()
     third = node_factory(data_dir=data_dir, quiet_period_s=0.5, start=False)
     assert third.scheduler.tick() == []
-    assert third.queue.recover() == (0, 0)
-    assert third.queue.due_destinations() == []
-    assert third.queue.claim() is None
+    assert third.recover() == (0, 0)
+    assert third.outbox.due_destinations() == []
+    assert third.jobs.claim() is None
     assert len(folder_scp.received) == 2
 
 
@@ -107,25 +107,25 @@ def test_results_wait_for_a_pacs_that_is_down(
 
     # Then the job waits in 'sending' while the outbox rows back off and retry
     def backing_off() -> bool:
-        jobs = node.queue.list_jobs()
+        jobs = node.jobs.list_jobs()
         if [j.state for j in jobs] != ["sending"]:
             return False
-        items = node.queue.items(jobs[0].id)
+        items = node.outbox.items(jobs[0].id)
         return len(items) == 2 and all(
             i.attempts >= 2 and i.state in ("pending", "sending") for i in items
         )
 
     wait_until(backing_off, 60, f"outbox rows retrying; {describe_jobs(node)}")
-    job = node.queue.list_jobs()[0]
-    assert all("cannot associate" in i.last_error for i in node.queue.items(job.id))
-    assert node.queue.outbox_counts().get("done", 0) == 0
+    job = node.jobs.list_jobs()[0]
+    assert all("cannot associate" in i.last_error for i in node.outbox.items(job.id))
+    assert node.outbox.counts().get("done", 0) == 0
 
     # And once the PACS is started on the same port, the results arrive and the job is done
     pacs.start()
     try:
         wait_until(lambda: _one_done_job(node), 30, f"job done; {describe_jobs(node)}")
         assert _sop_classes(pacs.files()) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
-        assert [i.state for i in node.queue.items(job.id)] == ["done", "done"]
+        assert [i.state for i in node.outbox.items(job.id)] == ["done", "done"]
     finally:
         pacs.stop()
 
@@ -144,8 +144,8 @@ def test_results_waiting_for_delivery_survive_a_restart(
     _send(first, phantom_files)
     wait_until(
         lambda: (
-            [j.state for j in first.queue.list_jobs()] == ["sending"]
-            and all(i.attempts >= 1 for i in first.queue.items(first.queue.list_jobs()[0].id))
+            [j.state for j in first.jobs.list_jobs()] == ["sending"]
+            and all(i.attempts >= 1 for i in first.outbox.items(first.jobs.list_jobs()[0].id))
         ),
         60,
         f"the job to wait for delivery; {describe_jobs(first)}",
@@ -161,7 +161,7 @@ def test_results_waiting_for_delivery_survive_a_restart(
         # Then the results are delivered exactly once, without running the job again
         wait_until(lambda: _one_done_job(second), 30, f"job done; {describe_jobs(second)}")
         assert _sop_classes(pacs.received) == sorted([SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS])
-        assert second.queue.list_jobs()[0].attempts == 1
+        assert second.jobs.list_jobs()[0].attempts == 1
     finally:
         pacs.stop()
 

@@ -14,8 +14,8 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
+from dicomnode.app.node import Node
 from dicomnode.config import Remote
-from dicomnode.node import Node
 from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
 from dicomnode.synthetic.phantom import Phantom
 
@@ -89,7 +89,7 @@ def test_orthanc_routes_study_and_stores_seg_and_sr(
     segs, srs = wait_until(results, 60, f"SEG and SR in Orthanc; jobs {describe_jobs(node)}", 0.2)
     assert len(segs) == 1 and len(srs) == 1
     assert len(orthanc.get(f"/studies/{study_id}/instances")) == len(phantom_files) + 2
-    wait_until(lambda: [j.state for j in node.queue.list_jobs()] == ["done"], 20, "job done")
+    wait_until(lambda: [j.state for j in node.jobs.list_jobs()] == ["done"], 20, "job done")
 
     # ...readable by highdicom and clean for dciodvfy (and dsrdump for the SR)
     seg_path = tmp_path / "seg.dcm"

@@ -23,9 +23,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from dicomnode.app.node import Node
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, echo, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom
 
 from .peers import dataset_offset, send_raw, write_raw_instance

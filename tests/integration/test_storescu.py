@@ -185,7 +185,7 @@ def test_storescu_study_comes_back_as_seg_and_sr(
     received = folder_scp.wait_for(2, timeout=60)
     assert len(received) == 2, describe_jobs(node)  # type: ignore[arg-type]
     wait_until(
-        lambda: [j.state for j in node.queue.list_jobs()] == ["done"],  # type: ignore[attr-defined]
+        lambda: [j.state for j in node.jobs.list_jobs()] == ["done"],  # type: ignore[attr-defined]
         20,
         "the job to be done",
     )

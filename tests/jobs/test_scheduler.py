@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import RetrySettings, Route
-from dicomnode.jobs.queue import JobQueue
+from dicomnode.db import Database
 from dicomnode.jobs.scheduler import Scheduler
+from dicomnode.jobs.store import JobStore
 from dicomnode.routing.rules import parse_rule
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
@@ -28,12 +29,12 @@ def study(tmp_path: Path) -> list[bytes]:
 
 
 def make(
-    tmp_path: Path, routes: tuple[Route, ...] = ROUTES, rerun: bool = True
-) -> tuple[Spool, JobQueue, Scheduler]:
-    index = Index(tmp_path / "data")
-    queue = JobQueue(index, RetrySettings(), RetrySettings())
+    tmp_path: Path, routes: tuple[Route, ...] = ROUTES, rerun: bool = True, quiet: float = 30.0
+) -> tuple[Spool, JobStore, Scheduler]:
+    index = Index(Database(tmp_path / "data"))
+    jobs = JobStore(index.db, RetrySettings())
     spool = Spool(tmp_path / "data", index, min_free_bytes=0, rerun_late=rerun)
-    return spool, queue, Scheduler(index, queue, routes, quiet_period_s=30.0)
+    return spool, jobs, Scheduler(index, jobs, routes, quiet_period_s=quiet)
 
 
 def test_study_over_several_associations_with_short_gaps_is_one_job(
@@ -94,3 +95,31 @@ def test_study_no_route_matches_is_recorded_as_ignored(tmp_path: Path, study: li
     assert record.state == "ignored"
     assert "Modality == 'MR' fails" in record.note
     assert queue.list_jobs() == []
+
+
+def test_unreadable_study_stays_receiving_with_its_error_and_is_retried(
+    tmp_path: Path, study: list[bytes]
+) -> None:
+    """Given a study whose spooled files cannot be read, when the quiet period ends, then
+    it is not "ignored, no route matched": it keeps receiving, records the real cause,
+    backs off, and is routed once the files are readable again."""
+    spool, queue, scheduler = make(tmp_path, quiet=0.0)
+    for data in study:
+        spool.store(data, calling_ae="PACS", calling_host="127.0.0.1")
+    paths = spool.index.instance_paths(spool.index.studies()[0].study_instance_uid)
+    for p in paths:
+        p.rename(p.with_suffix(".hidden"))
+    assert scheduler.tick() == []
+    (record,) = scheduler.index.studies()
+    assert record.state == "receiving" and record.attempts == 1
+    assert "cannot read the study's headers" in record.last_error
+    assert "No such file" in record.last_error or "FileNotFound" in record.last_error
+    assert record.next_attempt_at > time.time()  # backing off
+    assert scheduler.tick() == []  # not due yet: no second attempt
+    assert scheduler.index.studies()[0].attempts == 1
+    for p in paths:
+        p.with_suffix(".hidden").rename(p)
+    assert len(scheduler.tick(now=record.next_attempt_at + 0.1)) == 1
+    (record,) = scheduler.index.studies()
+    assert record.state == "complete" and record.last_error == "" and record.attempts == 0
+    assert queue.counts() == {"queued": 1}

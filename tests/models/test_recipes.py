@@ -36,7 +36,7 @@ def test_shipped_recipes_load_with_their_codes() -> None:
         ("bundle", "task", "detection", "task"),
         ("data", "patch_sise", 64, "unknown key"),
         ("data", "patch_size", 100, "multiple of pad_multiple"),
-        ("training", "epochs", "ten", "must be a number"),
+        ("training", "epochs", "ten", r"'training\.epochs': Input should be a valid integer"),
         ("export", "opset", 19, "opset"),
         ("preprocessing", "window_max", -2000.0, "window_max"),
         ("preprocessing", "context_slices", 2, "odd"),
@@ -56,3 +56,29 @@ def test_segmentation_labels_need_segment_codes() -> None:
     del data["labels"][0]["segment_type"]
     with pytest.raises(ConfigError, match="segment_category and segment_type"):
         parse_recipe(data)
+
+
+def test_every_error_is_reported_at_once_with_suggestions() -> None:
+    data = shipped("lesion_seg")
+    data["data"]["patch_sise"] = 64
+    data["training"]["epochs"] = "ten"
+    data["export"]["opset"] = 19
+    with pytest.raises(ConfigError) as caught:
+        parse_recipe(data)
+    errors = caught.value.errors
+    assert len(errors) == 3, errors
+    assert "'data.patch_sise' is an unknown key; did you mean 'patch_size'?" in errors
+    assert any(e.startswith("'export.opset'") for e in errors)
+
+
+def test_recipe_and_card_share_one_schema_for_context_slices() -> None:
+    """An even context is refused by the recipe and by the card alike (it used to pass the
+    card)."""
+    from dicomnode.config import builtin_bundle
+    from dicomnode.errors import ModelError
+    from dicomnode.inference.card import CARD_FILE, parse_card
+
+    card = __import__("json").loads((builtin_bundle("lesion-seg") / CARD_FILE).read_text())
+    card["input"]["context_slices"] = 2
+    with pytest.raises(ModelError, match=r"'input\.context_slices': .*must be odd"):
+        parse_card(card)

@@ -67,7 +67,7 @@ def test_missing_attribute_fails_comparisons_without_crashing() -> None:
     [
         ({"NotAKeyword": "x"}, "not a DICOM keyword"),
         ({"ReferencedImageSequence": "x"}, "sequence"),
-        ({"Modality": {"matches": "CT"}}, "unknown operator"),
+        ({"Modality": {"matches": "CT"}}, "is not an operator"),
         ({"Modality": {"regex": "("}}, "regular expression"),
         ({"SliceThickness": {"le": "5"}}, "must be a number"),
         ({"Modality": ["CT", "MR"]}, "not an array"),

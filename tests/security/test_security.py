@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.app.node import Node
 from dicomnode.audit import read_audit
 from dicomnode.config import AllowedCaller, Config, TlsSettings
 from dicomnode.errors import DeliveryError
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, echo, send_files
 from dicomnode.net.tls import client_context
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom
 
 from .pki import Pki, make_pki
@@ -241,7 +241,7 @@ def test_audit_trail_has_every_step_and_no_phi(
     )
     assert len(folder_scp.wait_for(2, timeout=60)) == 2
     deadline = time.monotonic() + 10
-    while node.queue.counts() != {"done": 1} and time.monotonic() < deadline:
+    while node.jobs.counts() != {"done": 1} and time.monotonic() < deadline:
         time.sleep(0.05)
     records = read_audit(node.config.node.audit_path)
     events = {(r["event"], r.get("outcome") or r.get("state")) for r in records}
@@ -281,7 +281,7 @@ def test_retention_purges_delivered_studies_only(
     )
     folder_scp.wait_for(2, timeout=60)
     deadline = time.monotonic() + 10
-    while node.queue.counts() != {"done": 1} and time.monotonic() < deadline:
+    while node.jobs.counts() != {"done": 1} and time.monotonic() < deadline:
         time.sleep(0.05)
     study_dir = next((config.node.data_dir / "spool").iterdir())
     # Not yet: the study is younger than the retention period

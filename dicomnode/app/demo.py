@@ -22,11 +22,11 @@ import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomnode.config import Config, Remote, default_config_path, load_config
+from dicomnode.app.node import Node
+from dicomnode.config import Config, LogLevel, Remote, default_config_path, load_config
 from dicomnode.imaging.series import load_volume
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.node import Node
 from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def write_preview(
     return k
 
 
-def demo_config(work: Path, pacs_port: int, log_level: str = "WARNING") -> Config:
+def demo_config(work: Path, pacs_port: int, log_level: LogLevel = "WARNING") -> Config:
     base = load_config(default_config_path())
     node = dataclasses.replace(
         base.node, port=0, data_dir=work / "node", min_free_disk_mb=50, log_level=log_level
@@ -157,7 +157,7 @@ def run_demo(
     slices: int = 64,
     size: int = 256,
     seed: int = 7,
-    log_level: str = "WARNING",
+    log_level: LogLevel = "WARNING",
 ) -> bool:
     """Run the demo in ``work``; returns True if SEG and SR came back and overlap the truth."""
     work.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def run_demo(
         received = pacs.wait_for(2, timeout=300)
         turnaround = time.perf_counter() - t0 - sent
         if len(received) < 2:
-            jobs = node.queue.list_jobs()
+            jobs = node.jobs.list_jobs()
             out.write(
                 "FAILED: results did not arrive; jobs: "
                 f"{[(j.id, j.state, j.last_error) for j in jobs]}\n"
@@ -231,7 +231,7 @@ def _report(
     order = [uid_order[u] for u in volume.sop_instance_uids]
     truth = phantom.mask[order]
     d = dice(mask, truth)
-    jobs = node.queue.list_jobs()
+    jobs = node.jobs.list_jobs()
     summary = json.loads(jobs[0].summary)["series"][0] if jobs and jobs[0].summary else {}
     findings = read_sr_findings(sr_path)
     out.write(f"\nSEG: {seg_path.name}\nSR:  {sr_path.name}\n")

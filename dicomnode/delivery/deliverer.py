@@ -1,5 +1,8 @@
 """Delivers the outbox: C-STORE to remote AEs or copies into folders, with back-off.
 
+Delivery owns the destinations: it resolves a route's names (``@sender``) and folder
+copies are durable (file and folder fsynced) before an item is marked done.
+
 Each destination is served by its own task in a small thread pool, so a destination that
 is down (and waiting out its back-off) never holds up the others.  Transient failures
 (connection refused, association aborted or rejected transiently, out-of-resources
@@ -10,43 +13,49 @@ with the status the destination gave.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import threading
-import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import Config
+from dicomnode.config import SENDER, Config
+from dicomnode.delivery.store import Outbox, OutboxItem
 from dicomnode.errors import ConfigError, DeliveryError
-from dicomnode.jobs.queue import JobQueue, OutboxItem
+from dicomnode.fsutil import copy_atomically
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, SendResult, send_files
 from dicomnode.net.tls import client_context
+from dicomnode.outputs.layout import job_folder
 
 log = logging.getLogger(__name__)
 
 
-def copy_atomically(src: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / src.name
-    tmp = folder / f".{uuid.uuid4().hex}.part"
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, final)
-    return final
+def resolve_destinations(config: Config, destinations: Sequence[str], sender_ae: str) -> list[str]:
+    """Destination names of a route, with ``@sender`` replaced by the remote whose AE title
+    sent the study; raises a permanent :class:`DeliveryError` when it is not configured."""
+    names = []
+    for d in destinations:
+        if d != SENDER:
+            names.append(d)
+            continue
+        remote = config.remote_by_ae(sender_ae)
+        if remote is None:
+            raise DeliveryError(
+                f"the study's sender {sender_ae!r} is not a configured remote; "
+                "add it to [[remotes]] to send results back to it",
+                transient=False,
+            )
+        names.append(remote.name)
+    return names
 
 
 class Deliverer:
     def __init__(
-        self, config: Config, queue: JobQueue, max_parallel: int = 4, audit: AuditLog | None = None
+        self, config: Config, outbox: Outbox, max_parallel: int = 4, audit: AuditLog | None = None
     ) -> None:
         self.audit = audit or AuditLog(None)
         self.config = config
-        self.queue = queue
+        self.outbox = outbox
         # One thread per destination at least: a destination that hangs until its timeout
         # holds a thread, and must not hold up the others (no starvation).
         destinations = len(config.remotes) + len(config.folders)
@@ -58,7 +67,7 @@ class Deliverer:
 
     def run_once(self) -> None:
         """Start a delivery task for every destination with due items and none running."""
-        for destination in self.queue.due_destinations():
+        for destination in self.outbox.due_destinations():
             with self._lock:
                 running = self._busy.get(destination)
                 if running is not None and not running.done():
@@ -76,7 +85,7 @@ class Deliverer:
 
     def _deliver_due(self, destination: str) -> None:
         try:
-            items = self.queue.take_due(destination)
+            items = self.outbox.take_due(destination)
             if items:
                 self.deliver(destination, items)
         except Exception:
@@ -87,8 +96,8 @@ class Deliverer:
         if folder is not None:
             for item in items:
                 try:
-                    copy_atomically(item.path, folder.path / f"job-{item.job_id}")
-                    self.queue.delivered(item.id, status.SUCCESS)
+                    copy_atomically(item.path, job_folder(folder.path, item.job_id))
+                    self.outbox.delivered(item.id, status.SUCCESS)
                     self.audit.record(
                         "delivery",
                         outcome="sent",
@@ -97,13 +106,13 @@ class Deliverer:
                         file=item.path.name,
                     )
                 except OSError as exc:
-                    self.queue.delivery_failed(item.id, f"copy failed: {exc}", transient=True)
+                    self.outbox.delivery_failed(item.id, f"copy failed: {exc}", transient=True)
             log.info("delivered %d file(s) to folder %s", len(items), destination)
             return
         remote = self.config.remote_by_name(destination)
         if remote is None:
             for item in items:
-                self.queue.delivery_failed(
+                self.outbox.delivery_failed(
                     item.id, f"destination {destination!r} is not configured", transient=False
                 )
             return
@@ -111,7 +120,7 @@ class Deliverer:
             context = client_context(self.config.node.tls) if remote.tls else None
         except ConfigError as exc:
             for item in items:
-                self.queue.delivery_failed(item.id, str(exc), transient=False)
+                self.outbox.delivery_failed(item.id, str(exc), transient=False)
             return
         peer = Peer(remote.ae_title, remote.host, remote.port, remote.timeout_s, context)
         answered: set[int] = set()
@@ -138,7 +147,7 @@ class Deliverer:
             )
             for i, item in enumerate(items):
                 if i not in answered:
-                    self.queue.delivery_failed(item.id, f"cannot send: {exc}", transient=transient)
+                    self.outbox.delivery_failed(item.id, f"cannot send: {exc}", transient=transient)
             return
         log.info("delivered %d/%d file(s) to %s", sent, len(items), destination)
 
@@ -155,12 +164,12 @@ class Deliverer:
         )
         if result.ok:
             assert result.status is not None
-            self.queue.delivered(item.id, result.status)
+            self.outbox.delivered(item.id, result.status)
             return 1
         if result.status is None:
-            self.queue.delivery_failed(item.id, result.error, transient=False)
+            self.outbox.delivery_failed(item.id, result.error, transient=False)
         else:
-            self.queue.delivery_failed(
+            self.outbox.delivery_failed(
                 item.id,
                 f"{destination} answered 0x{result.status:04X}",
                 transient=status.is_transient(result.status),

@@ -10,7 +10,6 @@ one worker thread in-process (tests, small installs).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -18,70 +17,37 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from dicomnode.app.preflight import preflight
+from dicomnode.app.worker import run_jobs, worker_main
 from dicomnode.audit import AuditLog
 from dicomnode.config import Config
-from dicomnode.delivery.outbox import Deliverer
-from dicomnode.jobs.queue import Job, JobQueue
+from dicomnode.db import Database
+from dicomnode.delivery.deliverer import Deliverer
+from dicomnode.delivery.store import Outbox
 from dicomnode.jobs.scheduler import Scheduler
-from dicomnode.jobs.worker import work
+from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.net.scp import StorageSCP
-from dicomnode.processing import Processor
+from dicomnode.outputs.layout import job_folder, results_root
 from dicomnode.spool.index import Index
 from dicomnode.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
 
-def _open_queue(config: Config) -> tuple[Index, JobQueue]:
-    index = Index(config.node.data_dir)
-    return index, JobQueue(index, config.jobs, config.delivery)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when the node process dies (no orphan worker may
-    keep taking jobs next to a restarted node); checked again in case it died first."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def worker_main(config: Config, log_level: str, parent: int) -> None:
-    """Entry point of a worker process: run jobs until SIGTERM, finishing the current one."""
-    _die_with_parent(parent)
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
-    )
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
-    stop = threading.Event()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    index, queue = _open_queue(config)
-    processor = Processor(config)
-    audit = AuditLog(config.node.audit_path)
-
-    def process(job: Job) -> tuple[list[tuple[str, object]], str]:
-        return processor.process_job(job, index)  # type: ignore[return-value]
-
-    work(queue, process, stop, audit=audit)  # type: ignore[arg-type]
-
-
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.index, self.queue = _open_queue(config)
+        self.preflight = preflight(config)  # before anything is created or bound
+        for warning in self.preflight.warnings:
+            log.warning("%s", warning)
+        self.db = Database(config.node.data_dir)
+        self.index = Index(self.db)
+        self.jobs = JobStore(self.db, config.jobs)
+        self.outbox = Outbox(self.db, self.jobs, config.delivery)
         self.audit = AuditLog(config.node.audit_path)
         self.spool = Spool(
             config.node.data_dir,
@@ -91,9 +57,9 @@ class Node:
         )
         self.scp = StorageSCP(config.node, self.spool, audit=self.audit)
         self.scheduler = Scheduler(
-            self.index, self.queue, config.routes, config.completeness.quiet_period_s, self.audit
+            self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
         )
-        self.deliverer = Deliverer(config, self.queue, audit=self.audit)
+        self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
         self._last_purge = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -105,7 +71,7 @@ class Node:
 
     def start(self) -> None:
         removed = self.spool.cleanup_tmp()
-        jobs, items = self.queue.recover()
+        jobs, items = self.recover()
         if removed or jobs or items:
             log.warning(
                 "recovered after an unclean stop: %d partial file(s) removed, %d job(s) "
@@ -117,20 +83,23 @@ class Node:
         self.scp.start()
         self._spawn_thread(self._housekeeping, "housekeeping")
         if self.config.node.workers == 0:
-            processor = Processor(self.config)
-            worker_index = Index(self.config.node.data_dir)
-            worker_queue = JobQueue(worker_index, self.config.jobs, self.config.delivery)
-            self._spawn_thread(
-                lambda: work(
-                    worker_queue,
-                    lambda j: processor.process_job(j, worker_index),
-                    self._stop,
-                    audit=self.audit,
-                ),
-                "worker",
-            )
+            self._spawn_thread(self._work_in_thread, "worker")
         for i in range(self.config.node.workers):
             self._workers.append(self._start_worker(i))
+
+    def recover(self) -> tuple[int, int]:
+        """After a crash, in one transaction: running jobs go back to the queue, outbox
+        items in flight are re-sent, studies still receiving get their quiet period
+        restarted (their senders could not send while the node was down).  Returns the
+        jobs re-queued and the items re-sent."""
+        with self.db.transaction() as conn:
+            jobs = self.jobs.recover(conn)
+            items = self.outbox.recover(conn)
+            self.index.restart_quiet_periods(conn, time.time())
+        return jobs, items
+
+    def _work_in_thread(self) -> None:
+        run_jobs(self.config, self._stop)
 
     def _start_worker(self, number: int) -> BaseProcess:
         p = mp.get_context("spawn").Process(
@@ -147,7 +116,7 @@ class Node:
         for i, p in enumerate(self._workers):
             if p.is_alive() or self._stop.is_set() or p.pid is None:
                 continue
-            released = self.queue.release_worker(p.pid)
+            released = self.jobs.release_worker(p.pid)
             log.error(
                 "worker %s (pid %d) died with exit code %s; %d job(s) re-queued, "
                 "starting a new worker",
@@ -161,8 +130,8 @@ class Node:
             )
             self._workers[i] = self._start_worker(i)
 
-    def _spawn_thread(self, target: object, name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn_thread(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
@@ -179,19 +148,23 @@ class Node:
             self._stop.wait(interval)
 
     def purge_expired(self, now: float | None = None) -> list[str]:
-        """Retention: delete spooled studies older than ``retention_days`` once delivered."""
+        """Retention: delete spooled studies older than ``retention_days`` once every job
+        of theirs is done (results delivered); studies with open or failed jobs are kept."""
         days = self.config.node.retention_days
         now = time.time() if now is None else now
         if days <= 0 or (now - self._last_purge < 60.0 and now >= self._last_purge):
             return []
         self._last_purge = now
         purged = []
-        for study, job_ids in self.queue.purgeable_studies(now - days * 86400.0):
+        results = results_root(self.config.node.data_dir)
+        for study in self.index.finished_before(now - days * 86400.0):
+            jobs = self.jobs.for_study(study)
+            if any(j.state != DONE for j in jobs):
+                continue
             files = self.spool.purge_study(study)
-            for job_id in job_ids:
-                shutil.rmtree(
-                    self.config.node.data_dir / "results" / f"job-{job_id}", ignore_errors=True
-                )
+            for job in jobs:
+                shutil.rmtree(job_folder(results, job.id), ignore_errors=True)
+            job_ids = [j.id for j in jobs]
             self.audit.record(
                 "purge", study_instance_uid=study, files=files, jobs=job_ids, retention_days=days
             )
@@ -216,7 +189,7 @@ class Node:
         for t in self._threads:
             t.join(timeout)
         self.deliverer.shutdown()
-        log.info("stopped; queued work stays in %s", self.index.path)
+        log.info("stopped; queued work stays in %s", self.db.path)
 
     def kill_workers(self) -> None:
         for p in self._workers:

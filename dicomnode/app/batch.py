@@ -1,6 +1,6 @@
 """Batch conversion: a folder tree of DICOM in, SEG + SR per study out.
 
-Uses the node's own routing and :class:`~dicomnode.processing.Processor`, so results are
+Uses the node's own routing and :class:`~dicomnode.app.processor.Processor`, so results are
 the same objects the node would send.  A study is done when its ``result.json`` exists;
 a second run skips it (resume).  Non-DICOM files are skipped with a warning.
 """
@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from dicomnode.app.processor import Processor
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
-from dicomnode.processing import Processor
+from dicomnode.fsutil import write_bytes_atomically
+from dicomnode.outputs.layout import result_files
 from dicomnode.routing.select import match_routes, scan_folder, series_infos
 
 log = logging.getLogger(__name__)
@@ -72,18 +74,19 @@ def run_batch(
                     out = processor.process_series(
                         series[series_uid],
                         m.pipeline,
-                        study_out,
+                        result_files(study_out, series_uid, m.route),
                         uid_seed=f"batch/{study_uid}/{m.route}/{series_uid}",
                     )
                     results.append(
                         {
                             "route": m.route,
                             **out.summary,
-                            "seg": out.segmentation.name,
+                            "seg": out.segmentation.name if out.segmentation else None,
                             "sr": out.report.name,
                         }
                     )
-            (study_out / RESULT_FILE).write_text(json.dumps({"results": results}, indent=2))
+            document = json.dumps({"results": results}, indent=2).encode()
+            write_bytes_atomically(study_out / RESULT_FILE, document)
             summary.done.append(study_uid)
         except DicomNodeError as exc:
             summary.failed[study_uid] = f"{type(exc).__name__}: {exc}"

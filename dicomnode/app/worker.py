@@ -1,0 +1,149 @@
+"""The job loop and the worker processes that run it.
+
+A worker claims a due job (:meth:`JobStore.claim`), resolves its destinations (delivery's
+rule, first, so a study that cannot be sent back fails before any inference), runs the
+study processor, and hands the result files to the outbox, which moves the job on in the
+same transaction.  Errors back off (transient) or dead-letter (permanent).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from dicomnode.app.processor import Processor
+from dicomnode.audit import AuditLog
+from dicomnode.config import Config
+from dicomnode.db import Database
+from dicomnode.delivery.deliverer import resolve_destinations
+from dicomnode.delivery.store import Outbox
+from dicomnode.errors import DicomNodeError
+from dicomnode.jobs.store import FAILED, Job, JobStore
+from dicomnode.spool.index import Index
+
+log = logging.getLogger(__name__)
+
+#: Runs a job for the given destination names; returns (destination, file) pairs for the
+#: outbox and a JSON summary.
+ProcessFn = Callable[[Job, list[str]], tuple[list[tuple[str, Path]], str]]
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a job loop needs, opened once per thread or process."""
+
+    config: Config
+    index: Index
+    jobs: JobStore
+    outbox: Outbox
+    audit: AuditLog
+
+    @classmethod
+    def open(cls, config: Config) -> WorkerContext:
+        db = Database(config.node.data_dir)
+        jobs = JobStore(db, config.jobs)
+        return cls(
+            config,
+            Index(db),
+            jobs,
+            Outbox(db, jobs, config.delivery),
+            AuditLog(config.node.audit_path),
+        )
+
+    def destinations(self, job: Job) -> list[str]:
+        study = self.index.study(job.study_instance_uid)
+        return resolve_destinations(
+            self.config, job.destinations, study.calling_ae if study else ""
+        )
+
+
+def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
+    """Claim and run one due job, if any; returns it (as claimed) or None."""
+    job = ctx.jobs.claim()
+    if job is None:
+        return None
+    ctx.audit.record(
+        "job",
+        job_id=job.id,
+        state="running",
+        attempt=job.attempts,
+        route=job.route,
+        study_instance_uid=job.study_instance_uid,
+        generation=job.generation,
+    )
+    log.info(
+        "job %d: %s generation %d, attempt %d", job.id, job.route, job.generation, job.attempts
+    )
+    try:
+        outputs, summary = process(job, ctx.destinations(job))
+    except DicomNodeError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        state = ctx.jobs.fail(job.id, error, transient=exc.transient)
+        (log.error if state == FAILED else log.warning)("job %d: %s -> %s", job.id, exc, state)
+        ctx.audit.record("job", job_id=job.id, state=str(state), error=error[:300])
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise  # the process is being stopped: recovery re-queues the job at next start
+    except BaseException as exc:  # e.g. a native decoder's panic (pyo3 PanicException)
+        log.exception("job %d crashed", job.id)
+        state = ctx.jobs.fail(job.id, f"unexpected {type(exc).__name__}: {exc}", transient=True)
+        log.warning("job %d -> %s", job.id, state)
+        ctx.audit.record("job", job_id=job.id, state=str(state), error=type(exc).__name__)
+    else:
+        state = ctx.outbox.accept_results(job.id, outputs, summary)
+        log.info("job %d: %d file(s) queued for delivery", job.id, len(outputs))
+        ctx.audit.record("job", job_id=job.id, state=str(state), outputs=len(outputs))
+    return job
+
+
+def work(
+    ctx: WorkerContext, process: ProcessFn, stop: threading.Event, poll_s: float = 0.2
+) -> None:
+    """Run jobs until ``stop`` is set; a job in progress is always finished first."""
+    while not stop.is_set():
+        if run_one(ctx, process) is None:
+            stop.wait(poll_s)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the node process dies (no orphan worker may
+    keep taking jobs next to a restarted node); checked again in case it died first."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_main(config: Config, log_level: str, parent: int) -> None:
+    """Entry point of a worker process: run jobs until SIGTERM, finishing the current one."""
+    _die_with_parent(parent)
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
+    )
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_jobs(config, stop)
+
+
+def run_jobs(config: Config, stop: threading.Event) -> None:
+    """Open the stores and a study processor, and run jobs until ``stop`` is set."""
+    ctx = WorkerContext.open(config)
+    processor = Processor(config)
+    work(ctx, lambda job, names: processor.process_job(job, names, ctx.index, ctx.jobs), stop)

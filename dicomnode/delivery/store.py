@@ -1,0 +1,200 @@
+"""The outbox: the only module that runs SQL on the ``outbox`` table.
+
+One row per (job, destination, file).  An item moves along :data:`OUTBOX_TRANSITIONS`::
+
+    pending -> sending -> done
+                  |  -> pending (transient failure: back-off per the delivery schedule)
+                  +  -> dead    (permanent rejection, or attempts exhausted)
+    dead -> pending             (operator re-send)
+    sending -> pending          (crash recovery: the answer never came)
+
+When no item of a job is open any more, the job is told (``sending -> done | failed``)
+through :meth:`dicomnode.jobs.store.JobStore.delivery_finished`, in the same transaction.
+Paths are stored relative to the data directory.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from dicomnode.config import RetrySettings
+from dicomnode.db import Database
+from dicomnode.jobs.store import FAILED, SENDING, JobState, JobStore
+from dicomnode.states import assignments, check_transition
+
+
+class OutboxState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+OUTBOX_TRANSITIONS: dict[OutboxState, frozenset[OutboxState]] = {
+    OutboxState.PENDING: frozenset({OutboxState.SENDING}),
+    OutboxState.SENDING: frozenset({OutboxState.DONE, OutboxState.PENDING, OutboxState.DEAD}),
+    OutboxState.DONE: frozenset(),
+    OutboxState.DEAD: frozenset({OutboxState.PENDING}),
+}
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    destination: str
+    path: Path
+    state: OutboxState
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    status: int | None
+
+
+class Outbox:
+    """Outbox operations; safe across threads and processes (one transaction each)."""
+
+    def __init__(self, db: Database, jobs: JobStore, retry: RetrySettings) -> None:
+        self.db = db
+        self.jobs = jobs
+        self.retry = retry
+
+    def _item(self, r: sqlite3.Row) -> OutboxItem:
+        fields = {k: r[k] for k in OutboxItem.__dataclass_fields__}
+        fields["path"] = self.db.resolve(r["path"])
+        fields["state"] = OutboxState(r["state"])
+        return OutboxItem(**fields)
+
+    def _move(
+        self, conn: sqlite3.Connection, item_id: int, new: OutboxState, **fields: object
+    ) -> int:
+        """Move an item; returns its job id."""
+        row = conn.execute("SELECT state, job_id FROM outbox WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no outbox item {item_id}")
+        check_transition(OUTBOX_TRANSITIONS, f"outbox item {item_id}", OutboxState(row[0]), new)
+        cols: dict[str, object] = {"state": str(new), "updated_at": time.time(), **fields}
+        sets, values = assignments(cols)
+        conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", (*values, item_id))
+        return int(row["job_id"])
+
+    # --- results in ----------------------------------------------------------------------
+
+    def accept_results(
+        self, job_id: int, outputs: Sequence[tuple[str, Path]], summary: str
+    ) -> JobState:
+        """Queue a job's result files per destination and move the job on, atomically:
+        ``running -> sending`` (or ``done`` when there is nothing to send)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.executemany(
+                """INSERT OR IGNORE INTO outbox (job_id, destination, path, state, updated_at)
+                   VALUES (?, ?, ?, 'pending', ?)""",
+                [(job_id, d, self.db.relative(p), now) for d, p in outputs],
+            )
+            self.jobs.processed(conn, job_id, summary, to_deliver=bool(outputs))
+            return self.jobs.get(job_id, conn).state
+
+    def retry_job(self, job_id: int) -> JobState:
+        """Operator retry: a failed job whose results were dead-lettered is re-sent; any
+        other failed or done job is re-run from scratch (its outbox rows dropped)."""
+        with self.db.transaction() as conn:
+            job = self.jobs.get(job_id, conn)
+            dead = conn.execute(
+                "SELECT id FROM outbox WHERE job_id = ? AND state = 'dead'", (job_id,)
+            ).fetchall()
+            if job.state == FAILED and dead:
+                for row in dead:
+                    self._move(conn, row["id"], OutboxState.PENDING, attempts=0, next_attempt_at=0)
+                self.jobs.move(conn, job_id, SENDING, last_error="")
+                return SENDING
+            self.jobs.requeue(conn, job_id)
+            conn.execute("DELETE FROM outbox WHERE job_id = ?", (job_id,))
+            return JobState.QUEUED
+
+    # --- delivery ----------------------------------------------------------------------
+
+    def due_destinations(self) -> list[str]:
+        rows = self.db.connect().execute(
+            "SELECT DISTINCT destination FROM outbox WHERE state = 'pending' "
+            "AND next_attempt_at <= ?",
+            (time.time(),),
+        )
+        return [r[0] for r in rows]
+
+    def take_due(self, destination: str, limit: int = 64) -> list[OutboxItem]:
+        """Mark up to ``limit`` due items of one destination as sending and return them."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM outbox WHERE state = 'pending' AND destination = ? "
+                "AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (destination, time.time(), limit),
+            ).fetchall()
+            for r in rows:
+                self._move(conn, r["id"], OutboxState.SENDING, attempts=r["attempts"] + 1)
+        return [self._item(r) for r in rows]
+
+    def items(self, job_id: int) -> list[OutboxItem]:
+        rows = self.db.connect().execute(
+            "SELECT * FROM outbox WHERE job_id = ? ORDER BY id", (job_id,)
+        )
+        return [self._item(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.connect().execute("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
+    def delivered(self, item_id: int, status: int) -> None:
+        with self.db.transaction() as conn:
+            job_id = self._move(conn, item_id, OutboxState.DONE, status=status, last_error="")
+            self._settle(conn, job_id)
+
+    def delivery_failed(
+        self, item_id: int, error: str, *, transient: bool, status: int | None = None
+    ) -> OutboxState:
+        """Back off (per item, with the destination's schedule) or dead-letter."""
+        with self.db.transaction() as conn:
+            attempts = int(
+                conn.execute("SELECT attempts FROM outbox WHERE id = ?", (item_id,)).fetchone()[0]
+            )
+            if transient and attempts < self.retry.max_attempts:
+                due = time.time() + self.retry.delay(attempts)
+                self._move(
+                    conn,
+                    item_id,
+                    OutboxState.PENDING,
+                    next_attempt_at=due,
+                    last_error=error,
+                    status=status,
+                )
+                return OutboxState.PENDING
+            if transient:
+                error = f"{error} (gave up after {attempts} attempts)"
+            job_id = self._move(conn, item_id, OutboxState.DEAD, last_error=error, status=status)
+            self._settle(conn, job_id)
+            return OutboxState.DEAD
+
+    def _settle(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """Finish the job once none of its outbox rows is still open."""
+        rows = conn.execute(
+            "SELECT state, destination, last_error FROM outbox WHERE job_id = ?", (job_id,)
+        ).fetchall()
+        if any(r["state"] in ("pending", "sending") for r in rows):
+            return
+        dead = [r for r in rows if r["state"] == "dead"]
+        error = (
+            f"delivery to {dead[0]['destination']} failed: {dead[0]['last_error']}" if dead else ""
+        )
+        self.jobs.delivery_finished(conn, job_id, error)
+
+    def recover(self, conn: sqlite3.Connection) -> int:
+        """Inside the caller's transaction, after a crash: items in flight are re-sent."""
+        rows = conn.execute("SELECT id FROM outbox WHERE state = 'sending'").fetchall()
+        for row in rows:
+            self._move(conn, row["id"], OutboxState.PENDING)
+        return len(rows)

@@ -1,0 +1,37 @@
+"""Where result files live: the one definition of the results-folder layout.
+
+Node results: ``<data_dir>/results/job-<id>/<series>-<route>-seg.dcm`` (and ``-sr.dcm``);
+folder destinations copy them to ``<folder>/job-<id>/``; batch conversion writes
+``<out>/<study>/<series>-<route>-seg.dcm``.  The route is part of the name, so two routes
+on one series never overwrite each other's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_DIR = "results"
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The files one (series, route) produces in a folder."""
+
+    segmentation: Path
+    report: Path
+
+
+def job_folder(root: Path, job_id: int) -> Path:
+    """``root/job-<id>``: a job's results under the data directory's results folder, or
+    under a folder destination."""
+    return root / f"job-{job_id}"
+
+
+def results_root(data_dir: Path) -> Path:
+    return data_dir / RESULTS_DIR
+
+
+def result_files(folder: Path, series_uid: str, route: str) -> ResultFiles:
+    stem = f"{series_uid}-{route}"
+    return ResultFiles(folder / f"{stem}-seg.dcm", folder / f"{stem}-sr.dcm")

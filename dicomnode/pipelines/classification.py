@@ -1,0 +1,86 @@
+"""The classification pipeline: one classifier bundle -> study-level classifications.
+
+No masks and no findings: the node writes a TID 1500 SR with one qualitative evaluation
+and probability per label, and no SEG.  Per-slice probabilities are aggregated per label
+as the card says (``max`` or ``mean`` over the slices).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from dicomnode.imaging.volume import Volume
+from dicomnode.inference.preprocess import SliceGeometry
+from dicomnode.inference.runner import BundleRunner
+from dicomnode.pipelines.base import BundleRole, Pipeline
+from dicomnode.pipelines.results import (
+    ALGORITHM_FAMILY,
+    AlgorithmInfo,
+    Classification,
+    PipelineResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+def classify_volume(
+    runner: BundleRunner,
+    volume: Volume,
+    prepared: tuple[npt.NDArray[np.float32], SliceGeometry] | None = None,
+) -> list[Classification]:
+    """One classification per label of the runner's card, aggregated over the slices."""
+    per_slice = runner.predict_classification(volume.pixels, volume.pixel_spacing, prepared)
+    out = []
+    for label in runner.card.labels:
+        column = per_slice[:, label.index]
+        p = float(column.max() if label.aggregation == "max" else column.mean())
+        out.append(Classification(label, p, p >= label.threshold))
+    return out
+
+
+def algorithm_of(runner: BundleRunner) -> AlgorithmInfo:
+    card = runner.card
+    return AlgorithmInfo(card.name, card.version, card.manufacturer, ALGORITHM_FAMILY)
+
+
+@dataclass
+class ClassificationPipeline:
+    classifier: BundleRunner
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return algorithm_of(self.classifier)
+
+    def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
+        classifications = classify_volume(self.classifier, volume)
+        log.info(
+            "pipeline %s: %s on %d slices",
+            self.classifier.card.name,
+            ", ".join(f"{c.label.name} {c.probability:.3f}" for c in classifications),
+            volume.shape[0],
+        )
+        return PipelineResult(
+            volume=volume,
+            segments=(),
+            findings=(),
+            classifications=tuple(classifications),
+            algorithm=self.algorithm,
+        )
+
+
+class ClassificationKind:
+    """``kind = "classification"``: ``bundles.classification`` only; an SR, no SEG."""
+
+    roles: Mapping[str, BundleRole] = {"classification": BundleRole("classification")}
+    emits_segmentation = False
+
+    def build(self, runners: Mapping[str, BundleRunner]) -> Pipeline:
+        return ClassificationPipeline(runners["classification"])
+
+
+KIND = ClassificationKind()
