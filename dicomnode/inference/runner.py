@@ -156,7 +156,10 @@ class BundleRunner:
                 return self._create_session(providers)
             except Exception as exc:
                 log.warning(
-                    "cannot open %s on %s (%s); using the CPU", self.card.name, providers, exc
+                    "cannot open %s on %s (%s); using the CPU",
+                    self.card.name,
+                    ", ".join(providers),
+                    exc,
                 )
         try:
             return self._create_session(CPU_ONLY)

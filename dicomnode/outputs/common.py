@@ -105,17 +105,24 @@ def add_algorithm_equipment(instance: Dataset, algorithm: AlgorithmInfo) -> None
     instance.ContributingEquipmentSequence = sequence
 
 
-def check_algorithm(algorithm: AlgorithmInfo) -> None:
-    """AlgorithmName/Version/Manufacturer are LO: non-empty and at most 64 characters."""
+def check_algorithm(algorithm: AlgorithmInfo, where: str = "result.algorithm") -> None:
+    """AlgorithmName/Version/Manufacturer are LO: non-empty and at most 64 characters;
+    each parameter (TID 4019 Algorithm Parameters, TEXT) is a non-empty string."""
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise OutputError(f"{where} is a {type(algorithm).__name__}, not an AlgorithmInfo")
     for field in ("name", "version", "manufacturer"):
         value = getattr(algorithm, field)
         if not isinstance(value, str) or not value.strip():
-            raise OutputError(f"result.algorithm.{field} must be a non-empty string")
+            raise OutputError(f"{where}.{field} must be a non-empty string")
         if len(value) > LO_MAX or "\\" in value:
-            raise OutputError(
-                f"result.algorithm.{field} must be at most {LO_MAX} characters without '\\'"
-            )
-    check_code(algorithm.family, "result.algorithm.family")
+            raise OutputError(f"{where}.{field} must be at most {LO_MAX} characters without '\\'")
+    check_code(algorithm.family, f"{where}.family")
+    parameters = algorithm.parameters
+    if isinstance(parameters, str) or not isinstance(parameters, Sequence):
+        raise OutputError(f"{where}.parameters must be a tuple of strings")
+    for i, parameter in enumerate(parameters):
+        if not isinstance(parameter, str) or not parameter.strip():
+            raise OutputError(f"{where}.parameters[{i}] must be a non-empty string")
 
 
 def check_code(code: Code | None, where: str) -> Code:
@@ -125,6 +132,18 @@ def check_code(code: Code | None, where: str) -> Code:
     if not (code.value and code.scheme and code.meaning):
         raise OutputError(f"{where} must have value, scheme and meaning: {code!r}")
     return code
+
+
+def plain(value: object) -> object:
+    """A numpy scalar as the Python number it holds, for messages: ``nan``, not
+    ``np.float64(nan)``; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def numbers(values: Sequence[float]) -> str:
+    """Numbers for a message, rounded: ``[0.0, -175.5, 3.333]``, not ``['0', ...]`` or
+    ``[np.float64(0.0), ...]``."""
+    return "[" + ", ".join(str(round(float(v), 3)) for v in values) + "]"
 
 
 def _close(a: Sequence[float], b: Sequence[float], tol: float) -> bool:
@@ -180,10 +199,11 @@ def check_source_datasets(result: PipelineResult, source_datasets: Sequence[Data
             raise OutputError(f"{where} has no ImagePositionPatient/ImageOrientationPatient")
         if not _close(iop, orientation, _DIRECTION_TOL):
             raise OutputError(
-                f"{where}.ImageOrientationPatient {list(iop)} differs from result.volume's"
+                f"{where}.ImageOrientationPatient {numbers(iop)} differs from result.volume's "
+                f"{numbers(orientation)}"
             )
         if not _close(position, volume.slice_position(k), position_tol):
             raise OutputError(
-                f"{where}.ImagePositionPatient {list(position)} is not result.volume slice {k} "
-                f"at {volume.slice_position(k)}"
+                f"{where}.ImagePositionPatient {numbers(position)} is not result.volume slice "
+                f"{k} at {numbers(volume.slice_position(k))}"
             )

@@ -35,6 +35,7 @@ from dicomnode.outputs.common import (
     check_source_datasets,
     coded,
     new_uid,
+    plain,
     series_description,
 )
 from dicomnode.pipelines.results import AlgorithmInfo, PipelineResult, SegmentResult
@@ -144,7 +145,7 @@ def build_segmentation(
     check_source_datasets(result, source_datasets)
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
-            raise OutputError(f"{name} must be a positive integer, not {value!r}")
+            raise OutputError(f"{name} must be a positive integer, not {plain(value)!r}")
 
     algorithm = result.algorithm
     try:

@@ -3,7 +3,8 @@
 Implements the Comprehensive 3D SR IOD (DICOM PS3.3 A.35.13) with the template
 TID 1500 "Measurement Report" (PS3.16) at its root, as IHE AI Results (AIR) and OHIF read it:
 
-- observation context (TID 1001/1004): the algorithm is the device observer;
+- observation context (TID 1001/1004): each model is a device observer, the result's
+  primary (segmentation) model first;
 - procedure reported: the imaging exam (the source's ProcedureCodeSequence, else a code
   for the modality), never the algorithm;
 - image library (TID 1600) listing the source images: one group whose TID 1602
@@ -12,11 +13,12 @@ TID 1500 "Measurement Report" (PS3.16) at its root, as IHE AI Results (AIR) and 
   descriptors under every image, which made a 300-slice report take 5 s to build;
 - one TID 1411 "Volumetric ROI Measurements" group per :class:`Finding`: tracking
   identifier and UID, finding type, the SEG segment it lies in, volume, long axis and (CT)
-  mean attenuation, each with the algorithm identification (TID 4019);
+  mean attenuation, each with the algorithm identification (TID 4019: name, version,
+  parameters) of the model that produced it;
 - one TID 1501 group per :class:`Classification`: the finding present/absent and its
   probability; one TID 1501 group "absent" per segment without findings, so that a
   result with nothing found is still a complete, explicit report;
-- the algorithm in the Contributing Equipment Sequence with (1630, 99IHE, "Processing
+- each model in the Contributing Equipment Sequence with (1630, 99IHE, "Processing
   Algorithm"); VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag
   PRELIMINARY (nobody has read it yet).
 
@@ -49,6 +51,7 @@ from dicomnode.outputs.common import (
     coded,
     device_observer_uid,
     new_uid,
+    plain,
     series_description,
 )
 from dicomnode.pipelines.results import (
@@ -56,6 +59,7 @@ from dicomnode.pipelines.results import (
     Classification,
     Finding,
     PipelineResult,
+    SegmentResult,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,9 +100,9 @@ _PATIENT_STUDY_KEYWORDS = (
 
 def _finite(value: float, where: str, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise OutputError(f"{where} must be a finite number, not {value!r}")
+        raise OutputError(f"{where} must be a finite number, not {plain(value)!r}")
     if minimum is not None and value < minimum:
-        raise OutputError(f"{where} must be >= {minimum}, not {value!r}")
+        raise OutputError(f"{where} must be >= {minimum}, not {plain(value)!r}")
     return float(value)
 
 
@@ -213,9 +217,11 @@ def _measurement(
 
 
 def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: name, version, manufacturer, family and parameters of one model."""
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
+        parameters=list(algorithm.parameters) or None,
         manufacturer=algorithm.manufacturer,
         family=coded(algorithm.family),
     )
@@ -224,7 +230,7 @@ def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
 def _finding_group(
     finding: Finding, result: PipelineResult, segmentation: Dataset
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    algorithm_id = _algorithm_id(result.algorithm)
+    algorithm_id = _algorithm_id(result.algorithm_of(finding))
     measurements = [
         _measurement(VOLUME, finding.volume_mm3, CUBIC_MILLIMETER, algorithm_id),
         _measurement(LONG_AXIS, finding.longest_diameter_mm, MILLIMETER, algorithm_id),
@@ -330,7 +336,7 @@ def _measurement_report(
 ) -> Dataset:
     """The TID 1500 root content item, with the image library before the measurements."""
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(result.algorithm),
+        observation_context=_observation_context(result.algorithms),
         procedure_reported=list(procedures),
         imaging_measurements=list(groups),
     )
@@ -340,28 +346,59 @@ def _measurement_report(
     return root
 
 
-def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_observer_uid(algorithm),
-                name=algorithm.name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=f"{algorithm.name} {algorithm.version}",
-            ),
-        )
+def _device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
+    """TID 1002 with TID 1004: one model as a device observer."""
+    return hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(algorithm),
+            name=algorithm.name,
+            manufacturer_name=algorithm.manufacturer,
+            model_name=f"{algorithm.name} {algorithm.version}",
+        ),
     )
+
+
+def _observation_context(models: Sequence[AlgorithmInfo]) -> hd.sr.ObservationContext:
+    """TID 1001 with one device observer per model, the primary (the result's) first.
+
+    TID 1001 includes TID 1002 "Observer Context" 1-n times; highdicom takes one device,
+    so the others are appended.  Which model made which group is said by each group's
+    own algorithm identification (TID 4019).
+    """
+    primary, *others = models
+    context = hd.sr.ObservationContext(observer_device_context=_device_observer(primary))
+    for model in others:
+        context.extend(_device_observer(model))
+    return context
+
+
+def _check_item_algorithms(result: PipelineResult) -> None:
+    """The models named by segments, findings and classifications, as ``result.algorithm``."""
+    named: dict[str, Sequence[SegmentResult | Finding | Classification]] = {
+        "segments": result.segments,
+        "findings": result.findings,
+        "classifications": result.classifications,
+    }
+    for field, items in named.items():
+        for i, item in enumerate(items):
+            if item.algorithm is not None:
+                check_algorithm(item.algorithm, f"result.{field}[{i}].algorithm")
 
 
 def _groups(
     result: PipelineResult, segmentation: Dataset | None, uid_seed: str | None
 ) -> list[MeasurementGroup]:
+    """One group per finding, classification and segment without findings, each with the
+    algorithm identification of the model that produced it."""
+    _check_item_algorithms(result)
     groups: list[MeasurementGroup] = [
         _finding_group(f, result, segmentation) for f in result.findings if segmentation
     ]
     groups.extend(
-        _classification_group(c, result.algorithm, new_uid(uid_seed, "classification", str(i)))
+        _classification_group(
+            c, result.algorithm_of(c), new_uid(uid_seed, "classification", str(i))
+        )
         for i, c in enumerate(result.classifications)
     )
     with_findings = {f.segment_number for f in result.findings}
@@ -369,7 +406,7 @@ def _groups(
         _absent_group(
             s.label.finding,
             s.label.name,
-            result.algorithm,
+            result.algorithm_of(s),
             new_uid(uid_seed, "absent", str(s.segment_number)),
         )
         for s in result.segments
@@ -434,7 +471,7 @@ def build_measurement_report(
         check_code(segment.label.finding, f"result.segments[{i}].label.finding")
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
-            raise OutputError(f"{name} must be a positive integer, not {value!r}")
+            raise OutputError(f"{name} must be a positive integer, not {plain(value)!r}")
     groups = _groups(result, segmentation, uid_seed)
     if not groups:
         raise OutputError("result has no findings, classifications or segments: nothing to report")
@@ -463,7 +500,8 @@ def build_measurement_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks; ours first
         raise OutputError(f"highdicom refused the measurement report: {exc}") from exc
-    add_algorithm_equipment(sr, algorithm)
+    for model in result.algorithms:  # IHE AIR: each contributing algorithm
+        add_algorithm_equipment(sr, model)
     logger.debug(
         "built SR %s: %d finding(s), %d classification(s)",
         sr.SOPInstanceUID,

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dicomnode.imaging.volume import Volume
+from dicomnode.inference.card import Label
 from dicomnode.inference.preprocess import SliceGeometry
 from dicomnode.inference.runner import BundleRunner
 from dicomnode.pipelines.base import BundleRole, Pipeline
@@ -39,13 +40,22 @@ def classify_volume(
     for label in runner.card.labels:
         column = per_slice[:, label.index]
         p = float(column.max() if label.aggregation == "max" else column.mean())
-        out.append(Classification(label, p, p >= label.threshold))
+        out.append(Classification(label, p, p >= label.threshold, algorithm_of(runner, label)))
     return out
 
 
-def algorithm_of(runner: BundleRunner) -> AlgorithmInfo:
+def algorithm_of(runner: BundleRunner, label: Label | None = None) -> AlgorithmInfo:
+    """The runner's model; with ``label``, also the card's settings that turned the
+    model's output for that label into a result (TID 4019 Algorithm Parameters)."""
     card = runner.card
-    return AlgorithmInfo(card.name, card.version, card.manufacturer, ALGORITHM_FAMILY)
+    parameters: tuple[str, ...] = ()
+    if label is not None:
+        parameters = (f"threshold={label.threshold:g}",)
+        if card.task == "segmentation":
+            parameters += (f"min_component_volume_mm3={card.min_component_volume_mm3:g}",)
+        else:
+            parameters += (f"aggregation={label.aggregation}",)
+    return AlgorithmInfo(card.name, card.version, card.manufacturer, ALGORITHM_FAMILY, parameters)
 
 
 @dataclass

@@ -90,8 +90,13 @@ def measure_components(
     *,
     min_volume_mm3: float,
     uid_seed: str,
+    algorithm: AlgorithmInfo | None = None,
 ) -> tuple[npt.NDArray[np.bool_], list[Finding]]:
-    """Drop components below ``min_volume_mm3`` and measure the rest (largest first)."""
+    """Drop components below ``min_volume_mm3`` and measure the rest (largest first).
+
+    ``algorithm`` (the model and parameters that made ``mask``) is set on each finding;
+    None leaves it to the result's algorithm.
+    """
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return mask, []
@@ -124,6 +129,7 @@ def measure_components(
                 centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 voxel_count=int(sizes[comp]),
                 slice_indices=tuple(sorted({int(k) for k in all_idx[:, 0]})),
+                algorithm=algorithm,
             )
         )
     return cleaned, findings
@@ -149,6 +155,7 @@ class LesionPipeline:
         segments, findings = [], []
         for number, label in enumerate(card.labels, start=1):
             raw = probs[label.index] >= label.threshold
+            algorithm = algorithm_of(self.segmentation, label)
             mask, found = measure_components(
                 volume,
                 raw,
@@ -156,8 +163,9 @@ class LesionPipeline:
                 number,
                 min_volume_mm3=card.min_component_volume_mm3,
                 uid_seed=uid_seed,
+                algorithm=algorithm,
             )
-            segments.append(SegmentResult(number, label, mask))
+            segments.append(SegmentResult(number, label, mask, algorithm))
             findings.extend(found)
         classifications = []
         if self.classification is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -16,21 +16,36 @@ ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
-    """Identifies the model that produced a result (SEG algorithm identification, SR)."""
+    """Identifies the model that produced a result (SEG algorithm identification, SR).
+
+    ``parameters`` are the settings that turned the model's output into this result, e.g.
+    ``("threshold=0.5",)``: the SR writes them as TID 4019 Algorithm Parameters.
+    """
 
     name: str
     version: str
     manufacturer: str
     family: Code = ALGORITHM_FAMILY
+    parameters: tuple[str, ...] = ()
+
+    @property
+    def model(self) -> AlgorithmInfo:
+        """The model alone, without the parameters of one result."""
+        return replace(self, parameters=())
 
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """One label's binary mask on the volume's grid (slices, rows, columns)."""
+    """One label's binary mask on the volume's grid (slices, rows, columns).
+
+    ``algorithm`` is the model (and parameters) that produced the mask; None means the
+    result's :attr:`PipelineResult.algorithm`.
+    """
 
     segment_number: int
     label: Label
     mask: npt.NDArray[np.bool_]
+    algorithm: AlgorithmInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class Finding:
     centroid_mm: tuple[float, float, float]
     voxel_count: int
     slice_indices: tuple[int, ...]
+    #: The model that found it; None: the result's :attr:`PipelineResult.algorithm`.
+    algorithm: AlgorithmInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +73,36 @@ class Classification:
     label: Label
     probability: float
     positive: bool
+    #: The classifier; None: the result's :attr:`PipelineResult.algorithm`.
+    algorithm: AlgorithmInfo | None = None
 
 
 @dataclass(frozen=True)
 class PipelineResult:
+    """What a pipeline found in one volume.
+
+    ``algorithm`` is the primary model (the segmentation model where there is one): the
+    SEG's algorithm and the SR's device observer.  Each segment, finding and
+    classification may name the model that produced it; :meth:`algorithm_of` resolves it.
+    """
+
     volume: Volume
     segments: tuple[SegmentResult, ...]
     findings: tuple[Finding, ...]
     classifications: tuple[Classification, ...]
     algorithm: AlgorithmInfo
+
+    def algorithm_of(self, item: SegmentResult | Finding | Classification) -> AlgorithmInfo:
+        """The model (with its parameters) that produced ``item``."""
+        return self.algorithm if item.algorithm is None else item.algorithm
+
+    @property
+    def algorithms(self) -> tuple[AlgorithmInfo, ...]:
+        """Every model that contributed, each once without parameters, the primary first."""
+        items: tuple[SegmentResult | Finding | Classification, ...] = (
+            *self.segments,
+            *self.findings,
+            *self.classifications,
+        )
+        models = [self.algorithm.model, *(self.algorithm_of(i).model for i in items)]
+        return tuple(dict.fromkeys(models))
