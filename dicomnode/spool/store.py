@@ -24,8 +24,9 @@ import zlib
 from enum import Enum
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import DataElement, Dataset, config, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
@@ -45,9 +46,19 @@ _HEADER_TAGS = {
 }
 _IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100)  # Rows, Columns, Bits Allocated
 _SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES = 0x00280002, 0x00280008
+_PHOTOMETRIC_INTERPRETATION = 0x00280004
 _WANTED = frozenset(
-    [*_HEADER_TAGS.values(), *_IMAGE_PIXEL_TAGS, _SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES]
+    [
+        *_HEADER_TAGS.values(),
+        *_IMAGE_PIXEL_TAGS,
+        _SAMPLES_PER_PIXEL,
+        _NUMBER_OF_FRAMES,
+        _PHOTOMETRIC_INTERPRETATION,
+    ]
 )
+#: Chroma subsampled layouts pydicom's get_expected_length does not name, as the one that
+#: stores as many bytes (PS3.3 C.7.6.3.1.2): the retired YBR_PARTIAL_422 is 4:2:2 too.
+_SAME_LENGTH_AS = {"YBR_PARTIAL_422": "YBR_FULL_422"}
 
 
 class StoreOutcome(Enum):
@@ -62,7 +73,7 @@ def read_header(encoded: bytes) -> InstanceHeader:
     Nothing is decoded: the element headers are walked (:mod:`dicomnode.spool.structure`)
     and the few values needed are taken from the walk.  A truncated or corrupt dataset, an
     invalid or missing UID, an image without Pixel Data or native Pixel Data shorter than
-    its Rows x Columns x Samples x Frames x Bits Allocated raise
+    its Image Pixel module declares (see :func:`_expected_length`) raise
     :class:`InvalidInstanceError`.
     """
     try:
@@ -113,20 +124,60 @@ def _check_pixels(structure: Structure, sop_class: str) -> None:
             raise InvalidInstanceError(f"the dataset is a {name} without Pixel Data (truncated?)")
         return
     length = structure.pixel_data_length
-    rows, columns, bits_allocated = (structure.unsigned(t) for t in _IMAGE_PIXEL_TAGS)
-    if length is None or rows is None or columns is None or bits_allocated is None:
+    module = _image_pixel_module(structure)
+    if length is None or module is None:
         return  # encapsulated (its fragments were walked), or no image pixel module
-    samples = structure.unsigned(_SAMPLES_PER_PIXEL) or 1
+    needed = _expected_length(module)
+    if length < needed:
+        raise InvalidInstanceError(
+            f"Pixel Data has {length} bytes but {module.NumberOfFrames} frame(s) of "
+            f"{module.Rows} x {module.Columns} {module.PhotometricInterpretation or 'pixels'} "
+            f"with {module.SamplesPerPixel} sample(s) of Bits Allocated {module.BitsAllocated} "
+            f"need {needed}"
+        )
+
+
+def _image_pixel_module(structure: Structure) -> Dataset | None:
+    """The walked attributes that size native pixel data; None without Rows, Columns or
+    Bits Allocated.  A missing Samples per Pixel or an unreadable frame count counts as 1:
+    such content is the decoder's to report."""
+    rows, columns, bits_allocated = (structure.unsigned(t) for t in _IMAGE_PIXEL_TAGS)
+    if rows is None or columns is None or bits_allocated is None:
+        return None
     try:
         frames = max(1, int(structure.text(_NUMBER_OF_FRAMES) or 1))
     except ValueError:
-        frames = 1  # an unreadable frame count is the decoder's to report
-    needed = (rows * columns * samples * frames * bits_allocated + 7) // 8
-    if length < needed:
-        raise InvalidInstanceError(
-            f"Pixel Data has {length} bytes but Rows x Columns x Samples x Frames x Bits "
-            f"Allocated needs {needed}"
-        )
+        frames = 1
+    module = Dataset()
+    for tag, vr, value in (
+        (_IMAGE_PIXEL_TAGS[0], "US", rows),
+        (_IMAGE_PIXEL_TAGS[1], "US", columns),
+        (_IMAGE_PIXEL_TAGS[2], "US", bits_allocated),
+        (_SAMPLES_PER_PIXEL, "US", structure.unsigned(_SAMPLES_PER_PIXEL) or 1),
+        (_NUMBER_OF_FRAMES, "IS", frames),
+        (_PHOTOMETRIC_INTERPRETATION, "CS", structure.text(_PHOTOMETRIC_INTERPRETATION)),
+    ):  # as received: an odd value is no reason to warn (or raise) here
+        module.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+    return module
+
+
+def _expected_length(module: Dataset) -> int:
+    """Bytes of native pixel data the Image Pixel module declares, odd-length padding aside.
+
+    pydicom's :func:`~pydicom.pixels.utils.get_expected_length` packs Bits Allocated 1 frames
+    bit by bit (PS3.5 8.1.1) and stores YBR_FULL_422 as 2 samples a pixel (PS3.3
+    C.7.6.3.1.2).  YBR_PARTIAL_420 is defined for compressed pixel data only; a native one
+    must hold at least its 4:2:0 samples, half of the full 3 a pixel.
+    """
+    photometric = str(module.PhotometricInterpretation)
+    if photometric == "YBR_PARTIAL_420":
+        full = module.copy()
+        full.PhotometricInterpretation = "YBR_FULL"
+        return get_expected_length(full) // 2
+    if photometric in _SAME_LENGTH_AS:
+        module = module.copy()
+        module.PhotometricInterpretation = _SAME_LENGTH_AS[photometric]
+    return get_expected_length(module)
 
 
 class Spool:

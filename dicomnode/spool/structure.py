@@ -34,6 +34,8 @@ MAX_DEPTH = 64
 PIXEL_DATA = 0x7FE00010
 #: Float Pixel Data, Double Float Pixel Data, Pixel Data Provider URL (JPIP).
 OTHER_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x00287FE0})
+#: Pixel Data, Float Pixel Data and Double Float Pixel Data: a defined length means native.
+NATIVE_PIXEL_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009})
 _ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _KNOWN_VRS = frozenset(
@@ -51,10 +53,10 @@ _VALUE_SIZE = {
 class Structure:
     """What the walk found at the top level of the dataset.
 
-    ``pixel_data_length`` is the value length of a native Pixel Data element, None when it
-    is encapsulated or absent; ``has_pixels`` tells whether any Pixel Data, Float or Double
-    Float Pixel Data or a Pixel Data Provider URL is present; ``values`` holds the raw
-    values of the top-level elements asked for.
+    ``pixel_data_length`` is the value length of a native Pixel Data, Float Pixel Data or
+    Double Float Pixel Data element, None when it is encapsulated or absent; ``has_pixels``
+    tells whether any Pixel Data, Float or Double Float Pixel Data or a Pixel Data Provider
+    URL is present; ``values`` holds the raw values of the top-level elements asked for.
     """
 
     has_pixels: bool
@@ -182,7 +184,7 @@ class _Walker:
                     self.values[tag] = self.data[value : value + length]
                 elif tag == PIXEL_DATA or tag in OTHER_PIXEL_TAGS:
                     self.has_pixels = True
-                    if tag == PIXEL_DATA:
+                    if tag in NATIVE_PIXEL_TAGS:
                         self.pixel_data_length = length
             position = value + length
 
