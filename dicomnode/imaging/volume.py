@@ -18,7 +18,11 @@ class Volume:
     slice_direction``; pixel (r, c) of a slice lies at ``position + c * pixel_spacing[1] *
     row_direction + r * pixel_spacing[0] * column_direction`` (the DICOM convention:
     ImageOrientationPatient[:3] is the row direction, along which the column index grows).
-    ``sop_instance_uids`` and ``source_paths`` are in slice order.
+    ``sop_instance_uids``, ``source_paths`` and ``source_frames`` are in slice order, one
+    per slice.  ``source_frames[k]`` is the 1-based frame number of slice ``k`` in its
+    multi-frame (enhanced) instance, 0 for a single-frame instance; the instance's SOP
+    Instance UID and path then repeat for each of its frames.  Empty when unknown (a volume
+    made by hand): every slice is then a single-frame instance.
     """
 
     pixels: npt.NDArray[np.float32]
@@ -34,11 +38,21 @@ class Volume:
     modality: str
     sop_instance_uids: tuple[str, ...]
     source_paths: tuple[Path, ...] = field(default=())
+    source_frames: tuple[int, ...] = field(default=())
 
     @property
     def shape(self) -> tuple[int, int, int]:
         s, r, c = self.pixels.shape
         return (int(s), int(r), int(c))
+
+    @property
+    def is_multiframe(self) -> bool:
+        """True when the slices are frames of an enhanced multi-frame instance."""
+        return any(self.source_frames)
+
+    def frame_number(self, index: int) -> int:
+        """Frame number of slice ``index`` in its instance (1-based), 0 for single-frame."""
+        return self.source_frames[index] if self.source_frames else 0
 
     @property
     def voxel_volume_mm3(self) -> float:
