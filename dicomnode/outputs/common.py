@@ -16,7 +16,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomnode import __version__
-from dicomnode.errors import OutputError
+from dicomnode.errors import ImagingError, OutputError
+from dicomnode.imaging.headers import FrameHeader, read_frames
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code
 from dicomnode.pipelines.results import AlgorithmInfo, PipelineResult
 
@@ -146,64 +148,185 @@ def numbers(values: Sequence[float]) -> str:
     return "[" + ", ".join(str(round(float(v), 3)) for v in values) + "]"
 
 
+def classic_header(ds: Dataset) -> Dataset:
+    """``ds`` as readers of single-frame headers expect it (highdicom's TID 1602 image
+    library descriptors): for an enhanced multi-frame image, a shallow copy with the pixel
+    spacing, slice thickness, orientation and position of frame 1 at the top level."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    flat = Dataset()
+    for element in ds:
+        if element.keyword not in ("PerFrameFunctionalGroupsSequence", "PixelData"):
+            flat.add(element)
+    per_frame = (
+        ds.PerFrameFunctionalGroupsSequence[0] if ds.PerFrameFunctionalGroupsSequence else None
+    )
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    )
+    for macro, keywords in (
+        ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness")),
+        ("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+        ("PlanePositionSequence", ("ImagePositionPatient",)),
+    ):
+        for group in (per_frame, shared):
+            if group is not None and group.get(macro):
+                item = group[macro].value[0]
+                for keyword in keywords:
+                    if keyword in item:
+                        flat[keyword] = item[keyword]
+                break
+    return flat
+
+
+def referenced_frames(volume: Volume, ds: Dataset) -> list[int] | None:
+    """The frames of ``ds`` that are slices of ``volume`` (ascending), or None when the
+    instance is single-frame or every frame of it is a slice (a reference to it all)."""
+    uid = ds.get("SOPInstanceUID")
+    frames = sorted(
+        volume.frame_number(k) for k, u in enumerate(volume.sop_instance_uids) if u == uid
+    )
+    if not frames or frames[0] == 0:
+        return None
+    if frames == list(range(1, int(ds.get("NumberOfFrames", 0) or 0) + 1)):
+        return None
+    return frames
+
+
 def _close(a: Sequence[float], b: Sequence[float], tol: float) -> bool:
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), atol=tol, rtol=0.0))
 
 
-def check_source_datasets(result: PipelineResult, source_datasets: Sequence[Dataset]) -> None:
-    """The source datasets must be the volume's slices, in the volume's slice order.
+def check_source_datasets(
+    result: PipelineResult, source_datasets: Sequence[Dataset]
+) -> list[Dataset]:
+    """The source datasets must be the volume's source instances, in the volume's slice order.
 
-    Checks, slice by slice, the SOP Instance UID against ``result.volume.sop_instance_uids``,
-    the study/series/frame-of-reference UIDs, the matrix size and the geometry
-    (ImagePositionPatient of slice k == ``volume.slice_position(k)``, same orientation), so
-    that mask index k is written on the frame that references ``source_datasets[k]``.
+    A single-frame series: one dataset per slice.  Checks, slice by slice, the SOP Instance
+    UID against ``result.volume.sop_instance_uids``, the study/series/frame-of-reference
+    UIDs, the matrix size and the geometry (ImagePositionPatient of slice k ==
+    ``volume.slice_position(k)``, same orientation), so that mask index k is written on the
+    frame that references ``source_datasets[k]``.
+
+    An enhanced multi-frame source (``result.volume.source_frames`` set): the instance, once
+    (or once per slice, as ``[dcmread(p) for p in volume.source_paths]`` gives it); slice k
+    is checked against frame ``volume.source_frames[k]`` of it (its functional groups).
+
+    Returns
+    -------
+    list[pydicom.dataset.Dataset]
+        The distinct source instances, in slice order of first appearance: what the
+        builders hand to highdicom.
     """
     volume = result.volume
-    n_slices, rows, columns = volume.shape
     if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
         raise OutputError("source_datasets must be a sequence of pydicom Datasets")
+    for k, ds in enumerate(source_datasets):
+        if not isinstance(ds, Dataset):
+            raise OutputError(
+                f"source_datasets[{k}] is a {type(ds).__name__}, not a pydicom Dataset"
+            )
+    if volume.is_multiframe:
+        return _check_multiframe_sources(result, source_datasets)
+    n_slices = volume.shape[0]
     if len(source_datasets) != n_slices:
         raise OutputError(
             f"source_datasets has {len(source_datasets)} datasets, "
             f"result.volume has {n_slices} slices"
         )
-    orientation = (*volume.row_direction, *volume.column_direction)
-    position_tol = 0.5 * min(volume.slice_spacing, *volume.pixel_spacing)
     for k, ds in enumerate(source_datasets):
         where = f"source_datasets[{k}]"
-        if not isinstance(ds, Dataset):
-            raise OutputError(f"{where} is a {type(ds).__name__}, not a pydicom Dataset")
         uid = ds.get("SOPInstanceUID")
         if uid != volume.sop_instance_uids[k]:
             raise OutputError(
                 f"{where} has SOPInstanceUID {uid}, but result.volume slice {k} is "
                 f"{volume.sop_instance_uids[k]}: pass the datasets in the volume's slice order"
             )
-        for keyword, expected in (
-            ("StudyInstanceUID", volume.study_instance_uid),
-            ("SeriesInstanceUID", volume.series_instance_uid),
-            ("FrameOfReferenceUID", volume.frame_of_reference_uid),
-        ):
-            if ds.get(keyword) != expected:
-                raise OutputError(f"{where}.{keyword} is {ds.get(keyword)}, expected {expected}")
-        if "SOPClassUID" not in ds:
-            raise OutputError(f"{where} has no SOPClassUID")
-        if (ds.get("Rows"), ds.get("Columns")) != (rows, columns):
-            raise OutputError(
-                f"{where} is {ds.get('Rows')}x{ds.get('Columns')}, "
-                f"result.volume slices are {rows}x{columns}"
-            )
+        _check_instance(ds, where, result)
         position = ds.get("ImagePositionPatient")
         iop = ds.get("ImageOrientationPatient")
         if position is None or iop is None:
             raise OutputError(f"{where} has no ImagePositionPatient/ImageOrientationPatient")
-        if not _close(iop, orientation, _DIRECTION_TOL):
+        _check_slice_geometry(
+            where, k, [float(v) for v in iop], [float(v) for v in position], result
+        )
+    return list(source_datasets)
+
+
+def _check_instance(ds: Dataset, where: str, result: PipelineResult) -> None:
+    """UIDs of the study, series and frame of reference, SOP class, matrix size."""
+    volume = result.volume
+    _, rows, columns = volume.shape
+    for keyword, expected in (
+        ("StudyInstanceUID", volume.study_instance_uid),
+        ("SeriesInstanceUID", volume.series_instance_uid),
+        ("FrameOfReferenceUID", volume.frame_of_reference_uid),
+    ):
+        if ds.get(keyword) != expected:
+            raise OutputError(f"{where}.{keyword} is {ds.get(keyword)}, expected {expected}")
+    if "SOPClassUID" not in ds:
+        raise OutputError(f"{where} has no SOPClassUID")
+    if (ds.get("Rows"), ds.get("Columns")) != (rows, columns):
+        raise OutputError(
+            f"{where} is {ds.get('Rows')}x{ds.get('Columns')}, "
+            f"result.volume slices are {rows}x{columns}"
+        )
+
+
+def _check_slice_geometry(
+    where: str,
+    k: int,
+    iop: Sequence[float],
+    position: Sequence[float],
+    result: PipelineResult,
+) -> None:
+    """The orientation and position of a source image (frame) are those of slice ``k``."""
+    volume = result.volume
+    orientation = (*volume.row_direction, *volume.column_direction)
+    position_tol = 0.5 * min(volume.slice_spacing, *volume.pixel_spacing)
+    if not _close(iop, orientation, _DIRECTION_TOL):
+        raise OutputError(
+            f"{where}.ImageOrientationPatient {numbers(iop)} differs from result.volume's "
+            f"{numbers(orientation)}"
+        )
+    if not _close(position, volume.slice_position(k), position_tol):
+        raise OutputError(
+            f"{where}.ImagePositionPatient {numbers(position)} is not result.volume slice "
+            f"{k} at {numbers(volume.slice_position(k))}"
+        )
+
+
+def _check_multiframe_sources(
+    result: PipelineResult, source_datasets: Sequence[Dataset]
+) -> list[Dataset]:
+    volume = result.volume
+    distinct: dict[str, Dataset] = {}
+    for ds in source_datasets:
+        distinct.setdefault(str(ds.get("SOPInstanceUID", "")), ds)
+    expected = list(dict.fromkeys(volume.sop_instance_uids))
+    if sorted(distinct) != sorted(expected):
+        raise OutputError(
+            f"source_datasets are the instance(s) {', '.join(distinct)}; result.volume's "
+            f"slices are frames of {', '.join(expected)}"
+        )
+    frames: dict[str, dict[int, FrameHeader]] = {}
+    for uid in expected:
+        where = f"source instance {uid}"
+        _check_instance(distinct[uid], where, result)
+        try:
+            headers = read_frames(distinct[uid], where)
+        except ImagingError as exc:
+            raise OutputError(str(exc)) from exc
+        frames[uid] = {h.frame: h for h in headers}
+    for k, uid in enumerate(volume.sop_instance_uids):
+        number = volume.frame_number(k)
+        header = frames[uid].get(number)
+        if number == 0 or header is None:
             raise OutputError(
-                f"{where}.ImageOrientationPatient {numbers(iop)} differs from result.volume's "
-                f"{numbers(orientation)}"
+                f"result.volume slice {k} is frame {number} of {uid}, which has frames "
+                f"1 to {len(frames[uid])}"
             )
-        if not _close(position, volume.slice_position(k), position_tol):
-            raise OutputError(
-                f"{where}.ImagePositionPatient {numbers(position)} is not result.volume slice "
-                f"{k} at {numbers(volume.slice_position(k))}"
-            )
+        _check_slice_geometry(
+            header.label, k, list(header.orientation), list(header.position), result
+        )
+    return [distinct[uid] for uid in expected]

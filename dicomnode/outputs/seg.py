@@ -4,6 +4,14 @@ Implements the Segmentation IOD (DICOM PS3.3 A.51, C.8.20) with highdicom: a BIN
 one segment per :class:`SegmentResult`, frame k of each segment derived from
 ``source_datasets[k]`` (Derivation Image Sequence per frame, Referenced Series Sequence).
 
+An enhanced multi-frame source (Enhanced CT/MR, Legacy Converted Enhanced) is referenced
+frame by frame: ``source_images`` is the one instance, and each SEG frame's Derivation
+Image Sequence names the source frame (ReferencedFrameNumber) of its slice,
+``result.volume.source_frames[k]``.  When the volume uses every frame of the instance, the
+mask is laid out in source frame order so that highdicom pairs frame for frame; when it
+uses some (one phase of several), the planes are given by position and the references
+are narrowed to the frames of the volume.
+
 Empty frames are kept (``omit_empty_frames=False``).  A SEG that omits them is valid DICOM,
 but viewers have mapped the remaining frames onto the wrong slices (OHIF, monai-deploy
 app-sdk#397, OHIF#2833 with gaps inside one segment); a full stack of frames per segment
@@ -25,6 +33,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode import __version__
 from dicomnode.errors import OutputError
+from dicomnode.imaging.headers import read_frames
 from dicomnode.outputs.common import (
     IHE_CODING_SCHEME,
     LO_MAX,
@@ -106,6 +115,42 @@ def _stack_masks(segments: Sequence[SegmentResult]) -> npt.NDArray[np.bool_]:
     return np.stack([s.mask for s in segments], axis=-1)
 
 
+def _multiframe_layout(
+    result: PipelineResult, source: Dataset, masks: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.bool_], list[hd.PlanePositionSequence] | None]:
+    """The masks and plane positions to give highdicom for a multi-frame source.
+
+    Every frame used once: masks in source frame order, no positions (highdicom pairs
+    frame i with source frame i + 1).  Some frames: masks in slice order at the positions
+    of their source frames, which highdicom matches to the source by position.
+    """
+    frames = np.asarray(result.volume.source_frames)
+    count = int(source.NumberOfFrames)
+    if sorted(frames.tolist()) == list(range(1, count + 1)):
+        ordered = np.empty_like(masks)
+        ordered[frames - 1] = masks
+        return ordered, None
+    positions = {h.frame: h.position for h in read_frames(source, "source instance")}
+    planes = [
+        hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT, [float(v) for v in positions[int(f)]]
+        )
+        for f in frames
+    ]
+    return masks, planes
+
+
+def _narrow_references(seg: Dataset, frames: set[int]) -> None:
+    """Keep, in each frame's Derivation Image Sequence, only the source frames of the
+    volume (highdicom names every frame at the position: those of other phases too)."""
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            sources = derivation.get("SourceImageSequence", [])
+            kept = [s for s in sources if int(s.get("ReferencedFrameNumber", 0)) in frames]
+            if len(kept) != len(sources):
+                derivation.SourceImageSequence = kept
+
+
 def build_segmentation(
     result: PipelineResult,
     source_datasets: Sequence[Dataset],
@@ -122,7 +167,10 @@ def build_segmentation(
         The pipeline result; every ``segments[i].mask`` is on ``result.volume``'s grid.
     source_datasets
         The source series in the volume's slice order: mask index k is written on the frame
-        that references ``source_datasets[k]``.  Only the header is needed, not pixel data.
+        that references ``source_datasets[k]``; for an enhanced multi-frame source, the
+        instance (once, or once per slice), mask index k on the frame that references frame
+        ``result.volume.source_frames[k]``.  Only the header is needed, not pixel data
+        (:func:`dicomnode.imaging.series.source_datasets` reads them).
     series_number, instance_number
         SeriesNumber and InstanceNumber of the new SEG.
     uid_seed
@@ -142,7 +190,16 @@ def build_segmentation(
     """
     _check_segments(result)
     check_algorithm(result.algorithm)
-    check_source_datasets(result, source_datasets)
+    sources = check_source_datasets(result, source_datasets)
+    masks: npt.NDArray[np.bool_] = _stack_masks(result.segments)
+    planes = None
+    if result.volume.is_multiframe:
+        if len(sources) != 1:
+            raise OutputError(
+                f"result.volume spans {len(sources)} multi-frame instances; a SEG derives "
+                "from one multi-frame instance (or single-frame images)"
+            )
+        masks, planes = _multiframe_layout(result, sources[0], masks)
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
             raise OutputError(f"{name} must be a positive integer, not {plain(value)!r}")
@@ -150,8 +207,9 @@ def build_segmentation(
     algorithm = result.algorithm
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(source_datasets),
-            pixel_array=_stack_masks(result.segments),
+            source_images=sources,
+            pixel_array=masks,
+            plane_positions=planes,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[_segment_description(s, algorithm) for s in result.segments],
             series_instance_uid=new_uid(uid_seed, "seg", "series"),
@@ -171,6 +229,8 @@ def build_segmentation(
         )
     except (ValueError, TypeError) as exc:  # highdicom's own checks; ours came first
         raise OutputError(f"highdicom refused the segmentation: {exc}") from exc
+    if planes is not None:
+        _narrow_references(seg, set(result.volume.source_frames))
     add_algorithm_equipment(seg, algorithm)
     logger.debug(
         "built SEG %s: %d segment(s), %d frames",

@@ -40,6 +40,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import RE_VALID_UID, SegmentationStorage
 
 from dicomnode.errors import OutputError
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code
 from dicomnode.outputs.common import (
     IHE_CODING_SCHEME,
@@ -48,10 +49,12 @@ from dicomnode.outputs.common import (
     check_algorithm,
     check_code,
     check_source_datasets,
+    classic_header,
     coded,
     device_observer_uid,
     new_uid,
     plain,
+    referenced_frames,
     series_description,
 )
 from dicomnode.pipelines.results import (
@@ -292,14 +295,17 @@ def _absent_group(
 _POSITION_DESCRIPTORS = frozenset({"110901", "110902", "110903"})  # Image Position X/Y/Z
 
 
-def _image_library(source_datasets: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+def _image_library(
+    source_datasets: Sequence[Dataset], volume: Volume
+) -> hd.sr.ContainerContentItem:
     """TID 1600 with one group: shared TID 1602 descriptors, one TID 1601 entry per slice.
 
     The descriptors of the first slice, less its position, hold for every slice:
     :func:`check_source_datasets` has checked they share size, orientation and frame of
-    reference.
+    reference.  An enhanced multi-frame source is one entry (with the frames used, when
+    not all of them are).
     """
-    shared = hd.sr.ImageLibraryEntryDescriptors(source_datasets[0])
+    shared = hd.sr.ImageLibraryEntryDescriptors(classic_header(source_datasets[0]))
     group = hd.sr.ContainerContentItem(
         name=codes.DCM.ImageLibraryGroup,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -317,6 +323,7 @@ def _image_library(source_datasets: Sequence[Dataset]) -> hd.sr.ContainerContent
                 name=coded(SOURCE),
                 referenced_sop_class_uid=ds.SOPClassUID,
                 referenced_sop_instance_uid=ds.SOPInstanceUID,
+                referenced_frame_numbers=referenced_frames(volume, ds),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -342,7 +349,8 @@ def _measurement_report(
     )
     root: Dataset = report[0]
     content = root.ContentSequence
-    content.insert(len(content) - 1, _image_library(source_datasets))  # last: measurements
+    library = _image_library(source_datasets, result.volume)
+    content.insert(len(content) - 1, library)  # last: measurements
     return root
 
 
@@ -457,7 +465,7 @@ def build_measurement_report(
         arguments are checked.
     """
     check_algorithm(result.algorithm)
-    check_source_datasets(result, source_datasets)
+    source_datasets = check_source_datasets(result, source_datasets)  # each instance once
     _check_patient_study(source_datasets[0])
     if segmentation is None:
         if result.segments or result.findings:

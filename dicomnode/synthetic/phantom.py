@@ -4,7 +4,9 @@
 body with fat rim, two lungs, a spine and spherical lesions, in any slice orientation and
 order.  Every tissue is defined in patient coordinates (LPS, mm) and sampled at each voxel
 centre, so the masks are exact ground truth whatever the orientation, slice order or pixel
-spacing.  :func:`write_phantom` writes the series as DICOM Part 10 files.
+spacing.  :func:`write_phantom` writes the series as DICOM Part 10 files,
+:func:`write_phantom_enhanced` as one Enhanced CT Image instance
+(:mod:`dicomnode.synthetic.enhanced`).
 
 Anatomy (patient coordinates, the volume centre at the origin):
 
@@ -485,3 +487,16 @@ def write_phantom(phantom: Phantom, directory: Path) -> list[Path]:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_phantom_enhanced(phantom: Phantom, directory: Path) -> Path:
+    """Write the phantom as one Enhanced CT Image instance to ``directory/ENHANCED_CT.dcm``.
+
+    Frames in the order of ``phantom.datasets``; see :mod:`dicomnode.synthetic.enhanced`.
+    """
+    from dicomnode.synthetic.enhanced import enhanced_dataset  # it builds on this module
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ENHANCED_CT.dcm"
+    pydicom.dcmwrite(path, enhanced_dataset(phantom), enforce_file_format=True)
+    return path
