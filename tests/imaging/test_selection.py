@@ -321,3 +321,11 @@ def test_messages_print_numbers_as_numbers(tmp_path: Path) -> None:
     with pytest.raises(ImagingError) as error:
         select_stack(axial)
     assert f"{axial[1]}: PixelSpacing is not numeric: 8, x" in str(error.value)
+
+
+def test_instances_of_two_series_are_refused_naming_both(tmp_path: Path) -> None:
+    _, axial = _axial(tmp_path)
+    other = write_phantom(generate_phantom(AXIAL), tmp_path / "other")
+
+    with pytest.raises(ImagingError, match="instances of two series were given as one"):
+        select_stack([*axial, *other])
