@@ -133,14 +133,14 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"no DICOM files under {args.study_dir}")
         return 1
     for study, series in studies.items():
-        print(f"study …{study[-16:]}: {len(series)} series")
+        print(f"study {study}: {len(series)} series")
         infos = series_infos((uid, p) for uid, paths in series.items() for p in paths)
         matched = False
         for e in explain(config.routes, infos):
             verdict = "MATCH" if e.verdict.matched else "no match"
             matched |= e.verdict.matched
             print(
-                f"  route {e.route!r} x series …{e.series_uid[-12:]} "
+                f"  route {e.route!r} x series {e.series_uid} "
                 f"({e.series_description!r}): {verdict}"
             )
             for reason in e.verdict.reasons:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dicomnode.errors import SpoolError
+from dicomnode.uids import is_image_storage, is_own_uid
 
 DB_FILE = "index.sqlite3"
 
@@ -170,10 +171,30 @@ def _v2_relative_paths_and_study_retries(conn: sqlite3.Connection, data_dir: Pat
             conn.execute(f"ALTER TABLE studies ADD COLUMN {name} {ddl}")
 
 
+def _v3_what_drives_processing(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """Instances record whether they drive processing (images that are not the node's own
+    results) and a digest of their dataset without the file meta (a PACS re-sending an
+    instance is a duplicate even when the meta differs); jobs record a digest of their
+    inputs (a re-opened study with no new images in a routed series makes no new job)."""
+    columns = _columns(conn, "instances")
+    if "drives" not in columns:
+        conn.execute("ALTER TABLE instances ADD COLUMN drives INTEGER NOT NULL DEFAULT 1")
+        rows = conn.execute("SELECT id, sop_class_uid, sop_instance_uid FROM instances")
+        conn.executemany(
+            "UPDATE instances SET drives = ? WHERE id = ?",
+            [(int(is_image_storage(r[1]) and not is_own_uid(r[2])), r[0]) for r in rows.fetchall()],
+        )
+    if "content_sha256" not in columns:
+        conn.execute("ALTER TABLE instances ADD COLUMN content_sha256 TEXT")
+    if "inputs_digest" not in _columns(conn, "jobs"):
+        conn.execute("ALTER TABLE jobs ADD COLUMN inputs_digest TEXT NOT NULL DEFAULT ''")
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
     _v2_relative_paths_and_study_retries,
+    _v3_what_drives_processing,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -66,7 +66,7 @@ def run_batch(
             matches = match_routes(config.routes, infos)
             if not matches:
                 summary.ignored.append(study_uid)
-                log.info("study %s: no route matched", study_uid[-12:])
+                log.info("study %s: no route matched", study_uid)
                 continue
             results = []
             for m in matches:
@@ -90,10 +90,10 @@ def run_batch(
             summary.done.append(study_uid)
         except DicomNodeError as exc:
             summary.failed[study_uid] = f"{type(exc).__name__}: {exc}"
-            log.error("study %s failed: %s", study_uid[-12:], exc)
+            log.error("study %s failed: %s", study_uid, exc)
         except Exception as exc:  # one broken study must not stop the batch
             summary.failed[study_uid] = f"unexpected {type(exc).__name__}: {exc}"
-            log.exception("study %s crashed", study_uid[-12:])
+            log.exception("study %s crashed", study_uid)
     _progress(stream, len(studies), len(studies), "finished")
     stream.write("\n")
     summary.seconds = time.perf_counter() - started

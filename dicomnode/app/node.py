@@ -32,10 +32,26 @@ from dicomnode.jobs.scheduler import Scheduler
 from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import job_folder, results_root
-from dicomnode.spool.index import Index
+from dicomnode.routing.select import explicit_sop_classes
+from dicomnode.spool.index import Index, InstanceHeader
 from dicomnode.spool.store import Spool
+from dicomnode.uids import is_image_storage, is_own_uid
 
 log = logging.getLogger(__name__)
+
+
+def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
+    """Which received instances drive processing: images, and the SOP classes a route asks
+    for by name; never the node's own results (its UID root).  Everything else is stored
+    and acknowledged only (docs/conformance.md)."""
+    explicit = explicit_sop_classes(config.routes)
+
+    def drives(header: InstanceHeader) -> bool:
+        if is_own_uid(header.sop_instance_uid):
+            return False
+        return header.sop_class_uid in explicit or is_image_storage(header.sop_class_uid)
+
+    return drives
 
 
 class Node:
@@ -54,6 +70,7 @@ class Node:
             self.index,
             min_free_bytes=config.node.min_free_disk_mb * 2**20,
             rerun_late=config.completeness.late_arrivals == "rerun",
+            drives=driving_rule(config),
         )
         self.scp = StorageSCP(config.node, self.spool, audit=self.audit)
         self.scheduler = Scheduler(

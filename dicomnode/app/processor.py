@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config
-from dicomnode.errors import ImagingError
+from dicomnode.errors import DicomNodeError, ImagingError
 from dicomnode.fsutil import remove_partial_files, write_atomically
 from dicomnode.imaging.series import load_volume
 from dicomnode.jobs.store import Job, JobStore
@@ -127,35 +127,77 @@ class Processor:
 
     def process_job(
         self, job: Job, destinations: Sequence[str], index: Index, jobs: JobStore
-    ) -> tuple[list[tuple[str, Path]], str]:
-        """Run a job; returns (destination, file) pairs for the outbox and a JSON summary."""
+    ) -> JobOutcome:
+        """Run a job series by series: a series that cannot be processed is reported and the
+        others still get their results.
+
+        Raises when every series failed (the first error), or when one failed with a
+        transient error (the whole job is retried; results are deterministic)."""
         route = next((r for r in self.config.routes if r.name == job.route), None)
         if route is None:
             raise ImagingError(f"route {job.route!r} is no longer configured")
-        instances = index.latest_instances(job.study_instance_uid)
+        instances = index.latest_instances(job.study_instance_uid, driving=True)
         results = results_root(self.config.node.data_dir)
         folder = job_folder(results, job.id)
         earlier = jobs.earlier_generations(job)
-        outputs: list[tuple[str, Path]] = []
-        summaries = []
+        outcome = JobOutcome()
+        summaries: list[dict[str, Any]] = []
+        errors: list[DicomNodeError] = []
         for series_uid in job.series_uids:
             paths = [i.path for i in instances if i.series_instance_uid == series_uid]
-            if not paths:
-                raise ImagingError(f"series {series_uid} has no instances in the spool")
             seed = f"{job.study_instance_uid}/{job.route}/{job.generation}/{series_uid}"
             previous = [
                 result_files(job_folder(results, e.id), series_uid, job.route).report
                 for e in earlier
             ]
-            result = self.process_series(
-                paths,
-                route.pipeline,
-                result_files(folder, series_uid, job.route),
-                seed,
-                generation=job.generation,
-                previous_reports=previous,
-            )
+            try:
+                if not paths:
+                    raise ImagingError(f"series {series_uid} has no images in the spool")
+                result = self.process_series(
+                    paths,
+                    route.pipeline,
+                    result_files(folder, series_uid, job.route),
+                    seed,
+                    generation=job.generation,
+                    previous_reports=previous,
+                )
+            except DicomNodeError as exc:
+                if exc.transient:
+                    raise
+                errors.append(exc)
+                outcome.failures.append((series_uid, f"{type(exc).__name__}: {exc}"))
+                log.error("job %d: series %s not processed: %s", job.id, series_uid, exc)
+                continue
             summaries.append(result.summary)
             for d in destinations:
-                outputs += [(d, path) for path in result.files]
-        return outputs, json.dumps({"series": summaries})
+                outcome.outputs += [(d, path) for path in result.files]
+        if errors and not summaries:
+            raise errors[0]
+        outcome.summary = json.dumps(
+            {
+                "series": summaries,
+                "failed": [{"series": s, "error": e} for s, e in outcome.failures],
+            }
+        )
+        return outcome
+
+
+@dataclass
+class JobOutcome:
+    """What a job produced: (destination, file) pairs for the outbox, a JSON summary, and
+    the series that could not be processed with why."""
+
+    outputs: list[tuple[str, Path]] = field(default_factory=list)
+    summary: str = "{}"
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def note(self) -> str:
+        """The job's error line when some series failed ("" when none did)."""
+        if not self.failures:
+            return ""
+        first = self.failures[0]
+        return (
+            f"{len(self.failures)} series not processed (others delivered); "
+            f"series {first[0]}: {first[1]}"
+        )[:2000]

@@ -15,10 +15,9 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
-from dicomnode.app.processor import Processor
+from dicomnode.app.processor import JobOutcome, Processor
 from dicomnode.audit import AuditLog
 from dicomnode.config import Config
 from dicomnode.db import Database
@@ -30,9 +29,8 @@ from dicomnode.spool.index import Index
 
 log = logging.getLogger(__name__)
 
-#: Runs a job for the given destination names; returns (destination, file) pairs for the
-#: outbox and a JSON summary.
-ProcessFn = Callable[[Job, list[str]], tuple[list[tuple[str, Path]], str]]
+#: Runs a job for the given destination names.
+ProcessFn = Callable[[Job, list[str]], JobOutcome]
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
         "job %d: %s generation %d, attempt %d", job.id, job.route, job.generation, job.attempts
     )
     try:
-        outputs, summary = process(job, ctx.destinations(job))
+        outcome = process(job, ctx.destinations(job))
     except DicomNodeError as exc:
         error = f"{type(exc).__name__}: {exc}"
         state = ctx.jobs.fail(job.id, error, transient=exc.transient)
@@ -96,9 +94,23 @@ def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
         log.warning("job %d -> %s", job.id, state)
         ctx.audit.record("job", job_id=job.id, state=str(state), error=type(exc).__name__)
     else:
-        state = ctx.outbox.accept_results(job.id, outputs, summary)
-        log.info("job %d: %d file(s) queued for delivery", job.id, len(outputs))
-        ctx.audit.record("job", job_id=job.id, state=str(state), outputs=len(outputs))
+        for series, error in outcome.failures:
+            ctx.audit.record(
+                "series",
+                outcome="failed",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=series,
+                error=error[:300],
+            )
+        state = ctx.outbox.accept_results(job.id, outcome.outputs, outcome.summary, outcome.note)
+        log.info(
+            "job %d: %d file(s) queued for delivery%s",
+            job.id,
+            len(outcome.outputs),
+            f"; {len(outcome.failures)} series not processed" if outcome.failures else "",
+        )
+        ctx.audit.record("job", job_id=job.id, state=str(state), outputs=len(outcome.outputs))
     return job
 
 

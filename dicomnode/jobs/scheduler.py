@@ -14,6 +14,7 @@ recorded and is tried again with back-off, so the cause is visible and nothing i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,12 +24,24 @@ from dicomnode.config import RetrySettings
 from dicomnode.jobs.store import JobStore
 from dicomnode.routing.rules import SeriesInfo
 from dicomnode.routing.select import RouteLike, explain, match_routes, series_infos
-from dicomnode.spool.index import Index, StudyState
+from dicomnode.spool.index import Index, InstanceRecord, StudyState
 
 log = logging.getLogger(__name__)
 
 #: Back-off of a study whose headers could not be read: 2 s doubling up to 5 minutes.
 ROUTING_RETRY = RetrySettings(max_attempts=1_000_000, backoff_initial_s=2.0, backoff_max_s=300.0)
+
+
+def inputs_digest(instances: Sequence[InstanceRecord], series_uids: Sequence[str]) -> str:
+    """A digest of the instances (UID and version) of the given series: equal digests mean
+    a job would read exactly the same images."""
+    wanted = set(series_uids)
+    keys = sorted(
+        f"{i.series_instance_uid}/{i.sop_instance_uid}/{i.version}"
+        for i in instances
+        if i.series_instance_uid in wanted
+    )
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 class Scheduler:
@@ -53,8 +66,8 @@ class Scheduler:
             created.extend(self.complete(study_uid, now))
         return created
 
-    def _read_series(self, study_uid: str) -> tuple[int, list[SeriesInfo]] | None:
-        instances = self.index.latest_instances(study_uid)
+    def _read_series(self, study_uid: str) -> tuple[list[InstanceRecord], list[SeriesInfo]] | None:
+        instances = self.index.latest_instances(study_uid, driving=True)
         try:
             infos = series_infos((i.series_instance_uid, i.path) for i in instances)
         except Exception as exc:  # an unreadable header must not stall the scheduler
@@ -65,15 +78,17 @@ class Scheduler:
                 "study", outcome="routing_failed", study_instance_uid=study_uid, error=error[:300]
             )
             return None
-        return len(instances), infos
+        return instances, infos
 
     def complete(self, study_uid: str, now: float | None = None) -> list[int]:
         read = self._read_series(study_uid)
         if read is None:
             return []
-        count, infos = read
+        instances, infos = read
+        count = len(instances)
         matches = match_routes(self.routes, infos)
         created: list[int] = []
+        unchanged: list[str] = []
         cutoff = (time.time() if now is None else now) - self.quiet_period_s
         with self.index.db.transaction() as conn:
             study = self.index.study(study_uid, conn)
@@ -84,6 +99,11 @@ class Scheduler:
             ):
                 return []  # an instance arrived meanwhile: wait for the next quiet period
             for m in matches:
+                digest = inputs_digest(instances, m.series_uids)
+                earlier = self.jobs.ran_with_inputs(conn, study_uid, m.route, digest)
+                if earlier is not None:
+                    unchanged.append(f"{m.route} (no new images since job {earlier})")
+                    continue
                 job_id = self.jobs.create(
                     conn,
                     study_uid,
@@ -91,11 +111,14 @@ class Scheduler:
                     study.generation,
                     list(m.series_uids),
                     list(m.destinations),
+                    digest,
                 )
                 if job_id is not None:
                     created.append(job_id)
             if matches:
                 note = "routes: " + ", ".join(m.route for m in matches)
+                if unchanged:
+                    note += "; unchanged: " + ", ".join(unchanged)
                 state = StudyState.COMPLETE
             else:
                 reasons = [

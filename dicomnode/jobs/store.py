@@ -110,12 +110,17 @@ class JobStore:
         generation: int,
         series_uids: list[str],
         destinations: list[str],
+        inputs_digest: str = "",
     ) -> int | None:
-        """Insert a queued job inside the caller's transaction (None if it exists)."""
+        """Insert a queued job inside the caller's transaction (None if it exists).
+
+        ``inputs_digest`` identifies the instances the job reads (see
+        :meth:`ran_with_inputs`)."""
         now = time.time()
         cur = conn.execute(
             """INSERT OR IGNORE INTO jobs (study_instance_uid, route, generation, series_uids,
-               destinations, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+               destinations, state, created_at, updated_at, inputs_digest)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 study_uid,
                 route,
@@ -125,9 +130,22 @@ class JobStore:
                 str(QUEUED),
                 now,
                 now,
+                inputs_digest,
             ),
         )
         return cur.lastrowid if cur.rowcount else None
+
+    def ran_with_inputs(
+        self, conn: sqlite3.Connection, study_uid: str, route: str, inputs_digest: str
+    ) -> int | None:
+        """The id of an earlier job of this study and route over exactly these inputs (a
+        study re-sent without new images), or None."""
+        row = conn.execute(
+            "SELECT id FROM jobs WHERE study_instance_uid = ? AND route = ? "
+            "AND inputs_digest = ? AND inputs_digest != '' ORDER BY id DESC LIMIT 1",
+            (study_uid, route, inputs_digest),
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def claim(self) -> Job | None:
         """Atomically take the oldest due queued job and mark it running."""
@@ -178,21 +196,29 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def processed(
-        self, conn: sqlite3.Connection, job_id: int, summary: str, *, to_deliver: bool
+        self,
+        conn: sqlite3.Connection,
+        job_id: int,
+        summary: str,
+        *,
+        to_deliver: bool,
+        note: str = "",
     ) -> None:
-        """Inside the caller's transaction: running -> sending (or done: nothing to send)."""
-        self.move(conn, job_id, SENDING if to_deliver else DONE, summary=summary, last_error="")
+        """Inside the caller's transaction: running -> sending (or done: nothing to send);
+        ``note`` says what was not processed."""
+        self.move(conn, job_id, SENDING if to_deliver else DONE, summary=summary, last_error=note)
 
     def delivery_finished(self, conn: sqlite3.Connection, job_id: int, error: str) -> None:
         """Inside the caller's transaction: every result answered; sending -> done | failed.
 
         A job no longer ``sending`` (an operator re-ran it meanwhile) is left alone."""
-        if self.get(job_id, conn).state != SENDING:
+        job = self.get(job_id, conn)
+        if job.state != SENDING:
             return
         if error:
             self.move(conn, job_id, FAILED, last_error=error)
         else:
-            self.move(conn, job_id, DONE)
+            self.move(conn, job_id, DONE, last_error=job.last_error)
 
     def fail(self, job_id: int, error: str, *, transient: bool) -> JobState:
         """Back off and re-queue a transient failure, dead-letter the rest; returns the state."""

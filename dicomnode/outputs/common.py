@@ -21,6 +21,7 @@ from dicomnode.imaging.headers import FrameHeader, read_frames
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code
 from dicomnode.pipelines.results import AlgorithmInfo, PipelineResult
+from dicomnode.uids import UID_ROOT
 
 MANUFACTURER = "dicomnode"
 DISCLAIMER_SUFFIX = " - not for diagnostic use"
@@ -67,8 +68,8 @@ def new_uid(uid_seed: str | None, *parts: str) -> str:
     that already stored the first attempt sees a duplicate, not a second result.
     """
     if uid_seed is None:
-        return str(hd.UID())
-    return str(generate_uid(entropy_srcs=["dicomnode-output", uid_seed, *parts]))
+        return str(generate_uid(prefix=UID_ROOT))
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=["dicomnode-output", uid_seed, *parts]))
 
 
 def device_observer_uid(algorithm: AlgorithmInfo) -> str:

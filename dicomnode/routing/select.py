@@ -44,6 +44,22 @@ class Explanation:
     verdict: Verdict
 
 
+def explicit_sop_classes(routes: Sequence[RouteLike]) -> frozenset[str]:
+    """SOP classes a route asks for by name (``SOPClassUID = "..."`` or ``{ in = [...] }``):
+    instances of these drive processing even when they are not images."""
+    found: set[str] = set()
+    for route in routes:
+        for alternative in route.rule.alternatives:
+            for c in alternative:
+                if c.keyword != "SOPClassUID" or c.negate:
+                    continue
+                if c.operator == "equals":
+                    found.add(str(c.operand))
+                elif c.operator == "in":
+                    found.update(str(v) for v in c.operand)
+    return frozenset(found)
+
+
 def _attributes(ds: Dataset) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for elem in ds:

@@ -52,6 +52,8 @@ class InstanceRecord:
     size: int
     calling_ae: str
     received_at: float
+    drives: bool
+    content_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class NewInstance:
     header: InstanceHeader
     version: int
     path: str
+    content_sha256: str
+    drives: bool
     sha256: str
     size: int
     calling_ae: str
@@ -103,6 +107,7 @@ class Index:
     def _instance(self, r: sqlite3.Row) -> InstanceRecord:
         fields = {k: r[k] for k in InstanceRecord.__dataclass_fields__}
         fields["path"] = self.db.resolve(r["path"])
+        fields["drives"] = bool(r["drives"])
         return InstanceRecord(**fields)
 
     @staticmethod
@@ -113,15 +118,17 @@ class Index:
 
     # --- instances -------------------------------------------------------------------
 
-    def latest_instances(self, study_uid: str) -> list[InstanceRecord]:
-        """The newest version of every instance of a study."""
+    def latest_instances(self, study_uid: str, *, driving: bool = False) -> list[InstanceRecord]:
+        """The newest version of every instance of a study (``driving``: only those that
+        drive processing: images, not the node's own results)."""
         rows = (
             self.db.connect()
             .execute(
                 """SELECT * FROM instances i WHERE study_instance_uid = ? AND version = (
                    SELECT MAX(version) FROM instances j
-                   WHERE j.sop_instance_uid = i.sop_instance_uid)
-               ORDER BY series_instance_uid, id""",
+                   WHERE j.sop_instance_uid = i.sop_instance_uid)"""
+                + (" AND drives = 1" if driving else "")
+                + " ORDER BY series_instance_uid, id",
                 (study_uid,),
             )
             .fetchall()
@@ -158,8 +165,8 @@ class Index:
             conn.execute(
                 """INSERT INTO instances (sop_instance_uid, version, sop_class_uid,
                    study_instance_uid, series_instance_uid, transfer_syntax_uid, path, sha256,
-                   size, calling_ae, calling_host, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   size, calling_ae, calling_host, received_at, content_sha256, drives)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     new.header.sop_instance_uid,
                     new.version,
@@ -173,6 +180,8 @@ class Index:
                     new.calling_ae,
                     new.calling_host,
                     now,
+                    new.content_sha256,
+                    int(new.drives),
                 ),
             )
             self._note_arrival(conn, new, now, rerun_late)
@@ -180,29 +189,54 @@ class Index:
     def _note_arrival(
         self, conn: sqlite3.Connection, new: NewInstance, now: float, rerun_late: bool
     ) -> None:
+        """A study's state after an instance arrived.
+
+        Only instances that drive processing (images, not the node's own results) start a
+        study's quiet period, keep it open or re-open it; the others are only stored.  A
+        late image re-opens a complete study as a new generation (``rerun_late``) and an
+        ignored one in its generation (it has no results to supersede)."""
         uid = new.header.study_instance_uid
-        row = conn.execute("SELECT state FROM studies WHERE study_instance_uid = ?", (uid,))
-        found = row.fetchone()
+        found = conn.execute(
+            "SELECT state FROM studies WHERE study_instance_uid = ?", (uid,)
+        ).fetchone()
         if found is None:
+            state, note = (
+                (StudyState.RECEIVING, "")
+                if new.drives
+                else (StudyState.IGNORED, "only objects that do not drive processing so far")
+            )
             conn.execute(
                 """INSERT INTO studies (study_instance_uid, state, generation, first_received_at,
-                   last_received_at, calling_ae, calling_host)
-                   VALUES (?, 'receiving', 1, ?, ?, ?, ?)""",
-                (uid, now, now, new.calling_ae, new.calling_host),
+                   last_received_at, completed_at, calling_ae, calling_host, note)
+                   VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)""",
+                (
+                    uid,
+                    str(state),
+                    now,
+                    now,
+                    None if new.drives else now,
+                    new.calling_ae,
+                    new.calling_host,
+                    note,
+                ),
             )
-        elif found["state"] == StudyState.RECEIVING:
+            return
+        if not new.drives:
+            return
+        old = StudyState(found["state"])
+        if old == StudyState.RECEIVING:
             conn.execute(
                 "UPDATE studies SET last_received_at = ?, calling_ae = ?, calling_host = ? "
                 "WHERE study_instance_uid = ?",
                 (now, new.calling_ae, new.calling_host, uid),
             )
-        elif rerun_late:
+        elif rerun_late or old == StudyState.IGNORED:
             self._move(conn, uid, StudyState.RECEIVING)
             conn.execute(
-                "UPDATE studies SET generation = generation + 1, last_received_at = ?, "
+                "UPDATE studies SET generation = generation + ?, last_received_at = ?, "
                 "completed_at = NULL, calling_ae = ?, calling_host = ?, attempts = 0, "
-                "next_attempt_at = 0, last_error = '' WHERE study_instance_uid = ?",
-                (now, new.calling_ae, new.calling_host, uid),
+                "next_attempt_at = 0, last_error = '', note = '' WHERE study_instance_uid = ?",
+                (int(old == StudyState.COMPLETE), now, new.calling_ae, new.calling_host, uid),
             )
         else:
             conn.execute(

@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 import threading
 import zlib
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolErr
 from dicomnode.fsutil import remove_partial_files, write_bytes_atomically
 from dicomnode.spool.index import Index, InstanceHeader, NewInstance
 from dicomnode.spool.structure import Structure, check_structure, split_file_meta
+from dicomnode.uids import is_image_storage, is_own_uid
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +182,30 @@ def _expected_length(module: Dataset) -> int:
     return get_expected_length(module)
 
 
+def drives_processing(header: InstanceHeader) -> bool:
+    """The default rule: images drive processing; the node's own results and non-image
+    objects (SEG, SR, KOS, presentation states, RT, documents, ...) are only stored."""
+    return is_image_storage(header.sop_class_uid) and not is_own_uid(header.sop_instance_uid)
+
+
 class Spool:
     """Received instances on disk plus their index rows."""
 
     def __init__(
-        self, data_dir: Path, index: Index, *, min_free_bytes: int, rerun_late: bool = True
+        self,
+        data_dir: Path,
+        index: Index,
+        *,
+        min_free_bytes: int,
+        rerun_late: bool = True,
+        drives: Callable[[InstanceHeader], bool] = drives_processing,
     ) -> None:
         self.root = data_dir / SPOOL_DIR
         self.tmp = data_dir / "tmp"
         self.index = index
         self.min_free_bytes = min_free_bytes
         self.rerun_late = rerun_late
+        self.drives = drives
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -229,8 +244,9 @@ class Spool:
         self, encoded: bytes, calling_ae: str, calling_host: str, header: InstanceHeader
     ) -> StoreOutcome:
         digest = hashlib.sha256(encoded).hexdigest()
+        content = hashlib.sha256(memoryview(encoded)[split_file_meta(encoded)[0] :]).hexdigest()
         versions = self.index.instance_versions(header.sop_instance_uid)
-        if versions and any(v.sha256 == digest for v in versions):
+        if any(v.sha256 == digest or v.content_sha256 == content for v in versions):
             log.info("duplicate instance %s ignored (identical bytes)", header.sop_instance_uid)
             try:
                 self.index.touch_study(header.study_instance_uid)
@@ -254,7 +270,17 @@ class Spool:
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfResourcesError(f"disk full while writing {final.name}") from exc
             raise SpoolError(f"cannot write {final}: {exc}") from exc
-        new = NewInstance(header, version, relative, digest, len(encoded), calling_ae, calling_host)
+        new = NewInstance(
+            header=header,
+            version=version,
+            path=relative,
+            content_sha256=content,
+            drives=self.drives(header),
+            sha256=digest,
+            size=len(encoded),
+            calling_ae=calling_ae,
+            calling_host=calling_host,
+        )
         try:
             self.index.add_instance(new, rerun_late=self.rerun_late)
         except sqlite3.IntegrityError:

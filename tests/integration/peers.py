@@ -139,6 +139,8 @@ class Orthanc:
         http_port: int,
         modalities: dict[str, list[Any]],
         ae_title: str = "ORTHANC",
+        lua: str = "",
+        stable_age_s: int = 60,
     ) -> None:
         self.executable = executable
         self.folder = folder
@@ -146,6 +148,8 @@ class Orthanc:
         self.http_port = http_port
         self.ae_title = ae_title
         self.modalities = modalities
+        self.lua = lua
+        self.stable_age_s = stable_age_s
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder / "orthanc.log"
 
@@ -170,11 +174,14 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
-            "LuaScripts": [],
+            "LuaScripts": [str(self.folder / "rules.lua")] if self.lua else [],
+            "StableAge": self.stable_age_s,
             "SaveJobs": False,
             "ConcurrentJobs": 1,
             "DicomScuTimeout": 20,
         }
+        if self.lua:
+            (self.folder / "rules.lua").write_text(self.lua)
         path = self.folder / "config.json"
         path.write_text(json.dumps(config, indent=2))
         with open(self.log, "wb") as log:

@@ -7,6 +7,7 @@ results to ``@sender``, i.e. back to the AE that sent the study.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,3 +111,73 @@ def test_orthanc_routes_study_and_stores_seg_and_sr(
         assert report.errors == [], report.output
     dump = run_dsrdump(sr_path)
     assert dump.errors == [], dump.output
+
+
+FORWARD_EVERY_STABLE_STUDY = """
+function OnStableStudy(studyId, tags, metadata)
+  print('forwarding stable study ' .. studyId .. ' to dicomnode')
+  RestApiPost('/modalities/dicomnode/store', studyId)
+end
+"""
+
+
+def test_a_pacs_forwarding_every_stable_study_gets_one_seg_and_one_sr(
+    tmp_path: Path,
+    free_port: Callable[[], int],
+    node_factory: Callable[..., Node],
+    require_tool: Callable[[str], str],
+    phantom: Phantom,
+    phantom_files: list[Path],
+) -> None:
+    """The loop of issue 8: Orthanc forwards every stable study, the node's results
+    included, back to the node.  Before the fix the PACS grew from 1 to 28 series in
+    150 s.  For two minutes of quiet periods the PACS must hold exactly one SEG and one SR
+    and the node exactly one job."""
+    executable = require_tool("Orthanc")
+    dicom_port = free_port()
+    node = node_factory(
+        quiet_period_s=1.0,
+        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, 20.0)],
+        destinations=("@sender",),
+    )
+    orthanc = Orthanc(
+        executable,
+        tmp_path / "orthanc",
+        dicom_port,
+        free_port(),
+        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
+        lua=FORWARD_EVERY_STABLE_STUDY,
+        stable_age_s=2,
+    )
+    orthanc.start()
+    try:
+        # Given the study stored in Orthanc, which forwards it once it is stable
+        for f in phantom_files:
+            orthanc.upload(f)
+
+        def counts() -> tuple[int, int]:
+            return (
+                len(orthanc.find_instances(SEG_CLASS)),
+                len(orthanc.find_instances(COMPREHENSIVE_3D_SR_CLASS)),
+            )
+
+        wait_until(lambda: counts() == (1, 1), 90, f"results; {describe_jobs(node)}", 0.5)
+        # When two minutes pass, with Orthanc forwarding the study (results included)
+        # every time it becomes stable again
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            assert counts() in ((1, 1),), counts()
+            time.sleep(2.0)
+        # Then the PACS holds one SEG and one SR, the node made one job of generation 1,
+        # and the node did receive the forwarded results (the rule really fired)
+        assert counts() == (1, 1)
+        jobs = node.jobs.list_jobs()
+        assert [(j.generation, j.state) for j in jobs] == [(1, "done")], describe_jobs(node)
+        study_uid = str(phantom.datasets[0].StudyInstanceUID)
+        stored = node.index.latest_instances(study_uid)
+        own = [i for i in stored if i.sop_class_uid in (SEG_CLASS, COMPREHENSIVE_3D_SR_CLASS)]
+        assert len(own) == 2, "Orthanc never forwarded the results back"
+        assert orthanc.log.read_text().count("forwarding stable study") >= 2
+        assert len(orthanc.get("/series")) == 3  # CT, SEG, SR
+    finally:
+        orthanc.stop()
