@@ -124,6 +124,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_stack(paths: Sequence[Path]) -> str:
+    """Which images of a series the node would process (or why it cannot)."""
+    from dicomnode.imaging.series import select_stack
+
+    try:
+        choice = select_stack(paths)
+    except DicomNodeError as exc:
+        return f"cannot be processed: {exc}"
+    return choice.note or f"processed: one consistent stack of {len(choice.paths)} instance(s)"
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from dicomnode.routing.select import explain, scan_folder, series_infos
 
@@ -140,11 +151,12 @@ def cmd_route(args: argparse.Namespace) -> int:
             verdict = "MATCH" if e.verdict.matched else "no match"
             matched |= e.verdict.matched
             print(
-                f"  route {e.route!r} x series {e.series_uid} "
-                f"({e.series_description!r}): {verdict}"
+                f"  route {e.route!r} x series {e.series_uid} ({e.series_description!r}): {verdict}"
             )
             for reason in e.verdict.reasons:
                 print(f"      {reason}")
+            if e.verdict.matched:
+                print(f"      {_describe_stack(series[e.series_uid])}")
         if not matched:
             print("  -> no route matches: the study would be recorded as ignored")
     return 0

@@ -21,6 +21,7 @@ LAYERS = [
     {"outputs"},
     {"jobs"},
     {"delivery"},
+    {"web"},
     {"app"},
     {"cli"},
 ]

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError, ImagingError
 from dicomnode.fsutil import remove_partial_files, write_atomically
-from dicomnode.imaging.series import load_volume
+from dicomnode.imaging.series import load_stack, select_stack, source_datasets
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.outputs.layout import ResultFiles, job_folder, result_files, results_root
 from dicomnode.outputs.seg import build_segmentation
@@ -96,10 +96,15 @@ class Processor:
         previous_reports: Sequence[Path] = (),
     ) -> SeriesOutput:
         """One series through the pipeline into ``files``: a SEG when the result has
-        masks, and the SR."""
-        volume = load_volume(paths)
+        masks, and the SR.  The series' largest consistent stack is processed
+        (:func:`dicomnode.imaging.series.select_stack`); what was left out is logged and
+        recorded in the summary (``stack``)."""
+        choice = select_stack(paths)
+        volume = load_stack(choice)
+        if choice.note:
+            log.info("series %s: %s", volume.series_instance_uid, choice.note)
         result = self.pipeline(pipeline).run(volume, uid_seed=uid_seed)
-        sources = [dcmread(p, stop_before_pixels=True) for p in volume.source_paths]
+        sources = source_datasets(volume)
         previous = [dcmread(p, stop_before_pixels=True) for p in previous_reports if p.is_file()]
         seg = (
             build_segmentation(result, sources, uid_seed=uid_seed, instance_number=generation)
@@ -118,11 +123,14 @@ class Processor:
         if seg is not None:
             _write(seg, files.segmentation)
         _write(sr, files.report)
+        summary = summarise(result)
+        summary["stack"] = choice.note
+        summary["left_out"] = {reason: count for reason, count in choice.left_out}
         return SeriesOutput(
             volume.series_instance_uid,
             files.segmentation if seg is not None else None,
             files.report,
-            summarise(result),
+            summary,
         )
 
     def process_job(

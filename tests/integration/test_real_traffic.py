@@ -204,3 +204,56 @@ def test_one_bad_series_never_sinks_the_others(
     # and the MR series was never part of the job
     mr_series = str(dcmread(mr[0]).SeriesInstanceUID)
     assert mr_series not in job.series_uids and bad in job.series_uids
+
+
+def _with_localizers(files: list[Path], folder: Path, count: int = 2) -> list[Path]:
+    """Copies of the first slice turned into coronal localizers of the same series."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in range(count):
+        ds = dcmread(files[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.3.999.{n + 1}"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.InstanceNumber = 900 + n
+        path = folder / f"zz-localizer-{n}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+def test_localizers_in_the_axial_series_are_left_out_and_recorded(
+    node_factory: NodeFactory,
+    folder_scp: FolderSCP,
+    phantom_files: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dicomnode.cli import main
+
+    localizers = _with_localizers(phantom_files, tmp_path / "loc")
+    # Given an axial series with two localizer images in it
+    node = node_factory(quiet_period_s=0.5, pacs_port=folder_scp.port)
+    _send(node, [*phantom_files, *localizers])
+    wait_until(lambda: _settled(node, 1), 60, f"job; {describe_jobs(node)}")
+    # Then the axial stack is processed and the choice is recorded in the job
+    (job,) = node.jobs.list_jobs()
+    assert job.state == "done", job.last_error
+    (series,) = json.loads(job.summary)["series"]
+    assert series["slices"] == len(phantom_files)
+    assert series["left_out"] == {"localizer": 2}
+    assert "2 of" in series["stack"] and "left out" in series["stack"]
+    # and `route explain` says the same before anything is sent
+    study = tmp_path / "explain-study"
+    study.mkdir()
+    for p in [*phantom_files, *localizers]:
+        (study / p.name).write_bytes(p.read_bytes())
+    config = tmp_path / "explain.toml"
+    config.write_text(
+        '[[pipelines]]\nname = "lesion"\nbundles.segmentation = "builtin:lesion-seg"\n'
+        '[[routes]]\nname = "ct"\npipeline = "lesion"\ndestinations = ["@sender"]\n'
+        '[[routes.match]]\nModality = "CT"\n'
+    )
+    assert main(["route", "explain", str(study), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH" in out and "2 localizer" in out and "left out" in out
