@@ -158,6 +158,36 @@ class NodeSettings:
         return self.audit_log if self.audit_log is not None else self.data_dir / "audit.jsonl"
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True, config=STRICT)
+class HttpSettings:
+    """The node's HTTP port: health, readiness, metrics (and DICOMweb, pages as they land).
+
+    It listens on 127.0.0.1 unless told otherwise; bound to another address it requires
+    ``token`` (sent as ``Authorization: Bearer ...``), because its pages show patient data.
+    ``token`` may name an environment variable: ``"${DICOMNODE_HTTP_TOKEN}"``."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    token: str = ""
+
+    @model_validator(mode="after")
+    def _access(self) -> HttpSettings:
+        token = os.path.expandvars(self.token)
+        if "$" in token:
+            raise ValueError(f"token names an environment variable that is not set: {self.token}")
+        object.__setattr__(self, "token", token)
+        if self.enabled and self.bind_address not in _LOOPBACK and not token:
+            raise ValueError(
+                f"bind_address {self.bind_address!r} is not loopback: set token "
+                "(these pages show patient data)"
+            )
+        return self
+
+
 @dataclass(frozen=True, config=STRICT)
 class CompletenessSettings:
     quiet_period_s: Positive = 30.0
@@ -238,6 +268,7 @@ def _default_delivery() -> RetrySettings:
 @dataclass(frozen=True, config=STRICT)
 class Config:
     node: NodeSettings = field(default_factory=NodeSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     completeness: CompletenessSettings = field(default_factory=CompletenessSettings)
     jobs: RetrySettings = field(default_factory=RetrySettings)
     delivery: RetrySettings = field(default_factory=_default_delivery)

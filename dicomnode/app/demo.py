@@ -116,7 +116,10 @@ def demo_config(work: Path, pacs_port: int, log_level: LogLevel = "WARNING") -> 
     )
     completeness = dataclasses.replace(base.completeness, quiet_period_s=2.0, poll_interval_s=0.2)
     remotes = (Remote("demo-pacs", PACS_AE, "127.0.0.1", pacs_port, 30.0),)
-    return dataclasses.replace(base, node=node, completeness=completeness, remotes=remotes)
+    http = dataclasses.replace(base.http, port=0)
+    return dataclasses.replace(
+        base, node=node, http=http, completeness=completeness, remotes=remotes
+    )
 
 
 def _match(phantom: Phantom, findings: list[SrFinding], summary: list[dict[str, Any]]) -> list[str]:
@@ -171,6 +174,11 @@ def run_demo(
             f"node {config.node.ae_title} listening on 127.0.0.1:{node.port}; "
             f"PACS {PACS_AE} on 127.0.0.1:{pacs.port}\n"
         )
+        if node.http is not None:
+            out.write(
+                f"HTTP on http://127.0.0.1:{node.http.port} "
+                "(/healthz, /readyz, /metrics)\n"
+            )
         spec = PhantomSpec(
             rows=size,
             columns=size,

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from prometheus_client import CollectorRegistry
+
 from dicomnode.app.preflight import preflight
 from dicomnode.app.worker import run_jobs, worker_main
 from dicomnode.audit import AuditLog
@@ -28,6 +30,7 @@ from dicomnode.config import Config
 from dicomnode.db import Database
 from dicomnode.delivery.deliverer import Deliverer
 from dicomnode.delivery.store import Outbox
+from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.scheduler import Scheduler
 from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.net.scp import StorageSCP
@@ -36,6 +39,8 @@ from dicomnode.routing.select import explicit_sop_classes
 from dicomnode.spool.index import Index, InstanceHeader
 from dicomnode.spool.store import Spool
 from dicomnode.uids import is_image_storage, is_own_uid
+from dicomnode.web.app import WebContext, create_app
+from dicomnode.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ class Node:
             self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
         )
         self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
+        self.http: HttpServer | None = None
         self._last_purge = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -98,6 +104,8 @@ class Node:
                 items,
             )
         self.scp.start()
+        if self.config.http.enabled:
+            self.http = self._start_http()
         self._spawn_thread(self._housekeeping, "housekeeping")
         if self.config.node.workers == 0:
             self._spawn_thread(self._work_in_thread, "worker")
@@ -114,6 +122,43 @@ class Node:
             items = self.outbox.recover(conn)
             self.index.restart_quiet_periods(conn, time.time())
         return jobs, items
+
+    def readiness(self) -> list[str]:
+        """Why the node cannot do its work now ([] when it can): ``/readyz``."""
+        reasons = []
+        try:
+            self.db.version  # noqa: B018 (a query: is the index reachable?)
+        except Exception as exc:  # sqlite3.Error, OSError: anything is "not ready"
+            reasons.append(f"index not reachable: {exc}")
+        try:
+            self.spool.check_space()
+        except DicomNodeError as exc:
+            reasons.append(str(exc))
+        dead = [p.name for p in self._workers if not p.is_alive()]
+        if dead:
+            reasons.append(f"worker(s) not running: {', '.join(dead)}")
+        if self.config.node.workers == 0 and not any(
+            t.name == "worker" and t.is_alive() for t in self._threads
+        ):
+            reasons.append("the worker thread is not running")
+        if self._stop.is_set():
+            reasons.append("stopping")
+        return reasons
+
+    def _start_http(self) -> HttpServer:
+        ctx = WebContext(
+            self.config,
+            self.index,
+            self.jobs,
+            self.outbox,
+            self.audit,
+            self.readiness,
+            CollectorRegistry(),
+        )
+        http = self.config.http
+        server = HttpServer(create_app(ctx), http.bind_address, http.port)
+        server.start()
+        return server
 
     def _work_in_thread(self) -> None:
         run_jobs(self.config, self._stop)
@@ -194,6 +239,8 @@ class Node:
         """Graceful stop: no new associations, in-flight stores and jobs finish."""
         log.info("stopping: no new associations; finishing in-flight work")
         self.scp.stop()
+        if self.http is not None:
+            self.http.stop()
         self._stop.set()
         for p in self._workers:
             if p.is_alive() and p.pid is not None:

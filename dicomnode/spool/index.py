@@ -271,6 +271,10 @@ class Index:
             args = (str(state),)
         return [self._study(r) for r in self.db.connect().execute(sql + " ORDER BY rowid", args)]
 
+    def study_counts(self) -> dict[str, int]:
+        rows = self.db.connect().execute("SELECT state, COUNT(*) FROM studies GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
     def quiet_studies(self, quiet_period_s: float, now: float | None = None) -> list[str]:
         """Studies still receiving whose last instance is older than the quiet period
         (and whose routing, if it failed before, is due to be tried again)."""
