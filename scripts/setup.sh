@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # dpkg, not `command -v`: pynetdicom installs its own storescu/storescp into the venv.
 need_apt=()
-for pkg in dcmtk dicom3tools orthanc openssl; do
+for pkg in dcmtk dicom3tools orthanc openssl chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -40,6 +40,7 @@ from dicomnode.spool.index import Index, InstanceHeader
 from dicomnode.spool.store import Spool
 from dicomnode.uids import is_image_storage, is_own_uid
 from dicomnode.web.app import WebContext, create_app
+from dicomnode.web.pages import page_routes
 from dicomnode.web.server import HttpServer
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Node:
             CollectorRegistry(),
         )
         http = self.config.http
-        server = HttpServer(create_app(ctx), http.bind_address, http.port)
+        server = HttpServer(create_app(ctx, page_routes(ctx)), http.bind_address, http.port)
         server.start()
         return server
 
