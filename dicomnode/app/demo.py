@@ -176,8 +176,8 @@ def run_demo(
         )
         if node.http is not None:
             out.write(
-                f"HTTP on http://127.0.0.1:{node.http.port} "
-                "(/healthz, /readyz, /metrics)\n"
+                f"HTTP on http://127.0.0.1:{node.http.port}/ "
+                "(worklist; /jobs, /healthz, /readyz, /metrics)\n"
             )
         spec = PhantomSpec(
             rows=size,

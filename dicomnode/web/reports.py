@@ -21,6 +21,8 @@ FINDING = "121071"
 FINDING_CATEGORY = "276214006"
 #: Units that say nothing next to a number ("{-}" no units, "1" unity).
 SILENT_UNITS = frozenset({"{-}", "1"})
+#: UCUM codes shown the way readers write them.
+UNIT_NAMES = {"[hnsf'U]": "HU", "mm3": "mm³", "mm2": "mm²"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def _number(item: Dataset) -> tuple[str, str]:
     unit = _code_value(value, "MeasurementUnitsCodeSequence")
     text = f"{number:.4g}" if abs(number) < 1e4 else f"{number:.0f}"
     if unit and unit not in SILENT_UNITS:
-        text = f"{text} {unit}"
+        text = f"{text} {UNIT_NAMES.get(unit, unit)}"
     return _meaning(item), text
 
 
