@@ -237,6 +237,66 @@ class FolderDestination:
 
 
 @dataclass(frozen=True, config=STRICT)
+class Bound:
+    """A numeric range: any of ``ge``, ``gt``, ``le``, ``lt`` (all given must hold)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+
+#: Triage priorities of a result, most pressing first (``routine``: no rule matched).
+TRIAGE_PRIORITIES = ("urgent", "review", "routine")
+TriagePriority = Literal["urgent", "review", "routine"]
+
+
+@dataclass(frozen=True, config=STRICT)
+class TriageCondition:
+    """What must hold of one finding or one classification (all keys given, AND).
+
+    ``finding`` names a segmentation label (``"*"``: any) and may bound its
+    ``longest_diameter_mm``, ``volume_mm3`` and ``count`` (findings of that label);
+    ``classification`` names a classifier label (``"*"``: any) and may bound its
+    ``probability`` and require ``positive``."""
+
+    finding: str | None = None
+    longest_diameter_mm: Bound | None = None
+    volume_mm3: Bound | None = None
+    count: Bound | None = None
+    classification: str | None = None
+    probability: Bound | None = None
+    positive: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> TriageCondition:
+        if (self.finding is None) == (self.classification is None):
+            raise ValueError("name exactly one of finding or classification")
+        if self.finding is not None and (self.probability or self.positive is not None):
+            raise ValueError("probability and positive apply to a classification")
+        sizes = (self.longest_diameter_mm, self.volume_mm3, self.count)
+        if self.classification is not None and any(b is not None for b in sizes):
+            raise ValueError("longest_diameter_mm, volume_mm3 and count apply to a finding")
+        return self
+
+
+@dataclass(frozen=True, config=STRICT)
+class TriageRule:
+    """``priority`` when ``when`` holds; a result takes the most pressing matching rule."""
+
+    priority: Literal["urgent", "review"]
+    when: TriageCondition
+
+
+@dataclass(frozen=True, config=STRICT)
 class PipelineSettings:
     """A named pipeline: its kind (a registered implementation) and its model bundles by
     role (``segmentation``, ``classification``, ... as the kind declares)."""
@@ -247,6 +307,12 @@ class PipelineSettings:
     batch_size: Annotated[int, Field(ge=1)] = 16
     providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cuda", "cpu")
     tensorrt: bool = False
+    triage: tuple[TriageRule, ...] = ()
+
+
+#: Request priorities of a study, most pressing first (DICOM Requested Procedure Priority).
+REQUEST_PRIORITIES = ("STAT", "HIGH", "ROUTINE")
+RequestPriority = Literal["STAT", "HIGH", "ROUTINE"]
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -255,10 +321,35 @@ class Route:
     pipeline: str
     destinations: Annotated[tuple[str, ...], Field(min_length=1)]
     match: Rule
+    #: The least priority of the route's jobs (a study's request may raise it).
+    priority: RequestPriority = "ROUTINE"
 
     @property
     def rule(self) -> SeriesRule:
         return self.match
+
+
+@dataclass(frozen=True, config=STRICT)
+class PrioritySettings:
+    """Claim order of queued jobs: priority, then age; ``aging_s`` is the wait that is
+    worth one priority step (a routine job queued ``2 * aging_s`` ago goes before a STAT
+    job that has just arrived: nothing starves)."""
+
+    aging_s: Positive = 600.0
+
+
+@dataclass(frozen=True, config=STRICT)
+class Hl7Destination:
+    """An HL7 v2 receiver (RIS, worklist): ORU^R01 result messages over MLLP."""
+
+    name: str
+    host: str
+    port: Port
+    timeout_s: Positive = 30.0
+    sending_application: Annotated[str, Field(min_length=1, max_length=227)] = "DICOMNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
 
 
 def _default_delivery() -> RetrySettings:
@@ -274,6 +365,8 @@ class Config:
     delivery: RetrySettings = field(default_factory=_default_delivery)
     remotes: tuple[Remote, ...] = ()
     folders: tuple[FolderDestination, ...] = ()
+    hl7: tuple[Hl7Destination, ...] = ()
+    priority: PrioritySettings = field(default_factory=PrioritySettings)
     pipelines: tuple[PipelineSettings, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -298,6 +391,9 @@ class Config:
     def folder_by_name(self, name: str) -> FolderDestination | None:
         return next((f for f in self.folders if f.name == name), None)
 
+    def hl7_by_name(self, name: str) -> Hl7Destination | None:
+        return next((h for h in self.hl7 if h.name == name), None)
+
     def pipeline(self, name: str) -> PipelineSettings:
         for p in self.pipelines:
             if p.name == name:
@@ -309,8 +405,9 @@ def reference_errors(cfg: Config) -> list[str]:
     """Names that must resolve between sections, each error starting with its key."""
     errors = []
     names = [r.name for r in cfg.remotes] + [f.name for f in cfg.folders]
+    names += [h.name for h in cfg.hl7]
     for name in sorted({n for n in names if names.count(n) > 1}):
-        errors.append(f"'remotes/folders' define the destination name {name!r} twice")
+        errors.append(f"'remotes/folders/hl7' define the destination name {name!r} twice")
     for kind, items in (("pipelines", cfg.pipelines), ("routes", cfg.routes)):
         seen = [i.name for i in items]
         for name in sorted({n for n in seen if seen.count(n) > 1}):
@@ -329,7 +426,7 @@ def reference_errors(cfg: Config) -> list[str]:
             if d != SENDER and d not in names:
                 errors.append(
                     f"'routes[{i}].destinations' names unknown destination {d!r} "
-                    f"(define it in [[remotes]] or [[folders]], or use '{SENDER}')"
+                    f"(define it in [[remotes]], [[folders]] or [[hl7]], or use '{SENDER}')"
                 )
     return errors
 

@@ -190,11 +190,22 @@ def _v3_what_drives_processing(conn: sqlite3.Connection, data_dir: Path) -> None
         conn.execute("ALTER TABLE jobs ADD COLUMN inputs_digest TEXT NOT NULL DEFAULT ''")
 
 
+def _v4_job_priorities(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """Jobs record the study's request priority (claim order: STAT first, then age) and
+    the triage priority their results were given (urgent, review, routine)."""
+    columns = _columns(conn, "jobs")
+    if "request_priority" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN request_priority INTEGER NOT NULL DEFAULT 0")
+    if "triage_priority" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN triage_priority TEXT NOT NULL DEFAULT ''")
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
     _v2_relative_paths_and_study_retries,
     _v3_what_drives_processing,
+    _v4_job_priorities,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

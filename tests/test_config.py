@@ -114,7 +114,7 @@ def test_backoff_grows_exponentially_and_is_capped(tmp_path: Path) -> None:
 
 def test_example_config_in_the_repository_is_valid() -> None:
     cfg = load_config(Path(__file__).parent.parent / "config" / "node.toml")
-    assert cfg.routes[0].destinations == (SENDER, "archive")
+    assert cfg.routes[0].destinations == (SENDER, "archive", "ris")
     assert cfg.node.allowed_callers[0].hosts == ("127.0.0.1",)
 
 

@@ -17,8 +17,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config
+from dicomnode.delivery.hl7 import ClassificationResult, SeriesResult, build_oru, encode
 from dicomnode.errors import DicomNodeError, ImagingError
-from dicomnode.fsutil import remove_partial_files, write_atomically
+from dicomnode.fsutil import remove_partial_files, write_atomically, write_bytes_atomically
 from dicomnode.imaging.series import load_stack, select_stack, source_datasets
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.outputs.layout import ResultFiles, job_folder, result_files, results_root
@@ -27,6 +28,7 @@ from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.pipelines.base import Pipeline
 from dicomnode.pipelines.registry import build_pipeline
 from dicomnode.pipelines.results import PipelineResult
+from dicomnode.pipelines.triage import evaluate_triage, most_pressing
 from dicomnode.spool.index import Index
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class SeriesOutput:
     segmentation: Path | None
     report: Path
     summary: dict[str, Any]
+    #: The triage priority (None: the pipeline has no triage rules).
+    priority: str | None = None
+    #: What the HL7 result message says of this series.
+    result: SeriesResult | None = None
 
     @property
     def files(self) -> list[Path]:
@@ -66,6 +72,21 @@ def summarise(result: PipelineResult) -> dict[str, Any]:
             for c in result.classifications
         ],
     }
+
+
+def hl7_result(result: PipelineResult, report: Dataset) -> SeriesResult:
+    """The digest of a result an ORU^R01 reports (:mod:`dicomnode.delivery.hl7`)."""
+    diameters = [f.longest_diameter_mm for f in result.findings]
+    return SeriesResult(
+        series_instance_uid=result.volume.series_instance_uid,
+        report_sop_instance_uid=str(report.SOPInstanceUID),
+        lesion_count=len(result.findings) if result.segments else None,
+        largest_diameter_mm=max(diameters) if diameters else None,
+        classifications=tuple(
+            ClassificationResult(c.label.finding, c.probability, c.positive)
+            for c in result.classifications
+        ),
+    )
 
 
 def _write(ds: Dataset, path: Path) -> None:
@@ -104,6 +125,8 @@ class Processor:
         if choice.note:
             log.info("series %s: %s", volume.series_instance_uid, choice.note)
         result = self.pipeline(pipeline).run(volume, uid_seed=uid_seed)
+        rules = self.config.pipeline(pipeline).triage
+        priority = evaluate_triage(rules, result) if rules else None
         sources = source_datasets(volume)
         previous = [dcmread(p, stop_before_pixels=True) for p in previous_reports if p.is_file()]
         seg = (
@@ -118,6 +141,7 @@ class Processor:
             uid_seed=uid_seed,
             instance_number=generation,
             previous_versions=previous,
+            priority=priority,
         )
         remove_partial_files(files.report.parent)  # left by a run that was killed
         if seg is not None:
@@ -126,11 +150,14 @@ class Processor:
         summary = summarise(result)
         summary["stack"] = choice.note
         summary["left_out"] = {reason: count for reason, count in choice.left_out}
+        summary["priority"] = priority
         return SeriesOutput(
             volume.series_instance_uid,
             files.segmentation if seg is not None else None,
             files.report,
             summary,
+            priority,
+            hl7_result(result, sr),
         )
 
     def process_job(
@@ -151,6 +178,8 @@ class Processor:
         outcome = JobOutcome()
         summaries: list[dict[str, Any]] = []
         errors: list[DicomNodeError] = []
+        processed: list[tuple[Path, SeriesOutput]] = []
+        hl7 = [d for d in destinations if self.config.hl7_by_name(d) is not None]
         for series_uid in job.series_uids:
             paths = [i.path for i in instances if i.series_instance_uid == series_uid]
             seed = f"{job.study_instance_uid}/{job.route}/{job.generation}/{series_uid}"
@@ -177,17 +206,37 @@ class Processor:
                 log.error("job %d: series %s not processed: %s", job.id, series_uid, exc)
                 continue
             summaries.append(result.summary)
+            processed.append((paths[0], result))
             for d in destinations:
-                outcome.outputs += [(d, path) for path in result.files]
+                if d not in hl7:
+                    outcome.outputs += [(d, path) for path in result.files]
         if errors and not summaries:
             raise errors[0]
+        outcome.priority = most_pressing(o.priority for _, o in processed if o.priority)
+        if hl7 and processed:
+            oru = self._write_oru(job, folder, processed, outcome.priority)
+            outcome.outputs += [(d, oru) for d in hl7]
         outcome.summary = json.dumps(
             {
                 "series": summaries,
                 "failed": [{"series": s, "error": e} for s, e in outcome.failures],
+                "priority": outcome.priority,
             }
         )
         return outcome
+
+    def _write_oru(
+        self, job: Job, folder: Path, processed: Sequence[tuple[Path, SeriesOutput]], priority: str
+    ) -> Path:
+        """The job's ORU^R01 for the HL7 destinations: ``<route>-oru.hl7`` in its folder."""
+        header = dcmread(processed[0][0], stop_before_pixels=True)
+        series = [o.result for _, o in processed if o.result is not None]
+        message = build_oru(
+            header, series, priority, f"DN{job.id}", application=self.config.node.ae_title
+        )
+        path = folder / f"{job.route}-oru.hl7"
+        write_bytes_atomically(path, encode(message))
+        return path
 
 
 @dataclass
@@ -198,6 +247,8 @@ class JobOutcome:
     outputs: list[tuple[str, Path]] = field(default_factory=list)
     summary: str = "{}"
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: The most pressing triage priority of the job's series (``routine``: none).
+    priority: str = "routine"
 
     @property
     def note(self) -> str:

@@ -64,7 +64,7 @@ class WorkerContext:
 
 def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
     """Claim and run one due job, if any; returns it (as claimed) or None."""
-    job = ctx.jobs.claim()
+    job = ctx.jobs.claim(aging_s=ctx.config.priority.aging_s)
     if job is None:
         return None
     ctx.audit.record(
@@ -103,14 +103,22 @@ def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
                 series_instance_uid=series,
                 error=error[:300],
             )
-        state = ctx.outbox.accept_results(job.id, outcome.outputs, outcome.summary, outcome.note)
+        state = ctx.outbox.accept_results(
+            job.id, outcome.outputs, outcome.summary, outcome.note, outcome.priority
+        )
         log.info(
             "job %d: %d file(s) queued for delivery%s",
             job.id,
             len(outcome.outputs),
             f"; {len(outcome.failures)} series not processed" if outcome.failures else "",
         )
-        ctx.audit.record("job", job_id=job.id, state=str(state), outputs=len(outcome.outputs))
+        ctx.audit.record(
+            "job",
+            job_id=job.id,
+            state=str(state),
+            outputs=len(outcome.outputs),
+            priority=outcome.priority,
+        )
     return job
 
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import SENDER, Config
+from dicomnode.config import SENDER, Config, Hl7Destination
+from dicomnode.delivery.hl7 import Acknowledgement, send_messages
 from dicomnode.delivery.store import Outbox, OutboxItem
 from dicomnode.errors import ConfigError, DeliveryError
 from dicomnode.fsutil import copy_atomically
@@ -58,7 +59,7 @@ class Deliverer:
         self.outbox = outbox
         # One thread per destination at least: a destination that hangs until its timeout
         # holds a thread, and must not hold up the others (no starvation).
-        destinations = len(config.remotes) + len(config.folders)
+        destinations = len(config.remotes) + len(config.folders) + len(config.hl7)
         self._pool = ThreadPoolExecutor(
             max_workers=max(max_parallel, destinations), thread_name_prefix="delivery"
         )
@@ -92,6 +93,10 @@ class Deliverer:
             log.exception("delivery to %s crashed; items stay in the outbox", destination)
 
     def deliver(self, destination: str, items: list[OutboxItem]) -> None:
+        hl7_destination = self.config.hl7_by_name(destination)
+        if hl7_destination is not None:
+            self._deliver_hl7(hl7_destination, items)
+            return
         folder = self.config.folder_by_name(destination)
         if folder is not None:
             for item in items:
@@ -150,6 +155,50 @@ class Deliverer:
                     self.outbox.delivery_failed(item.id, f"cannot send: {exc}", transient=transient)
             return
         log.info("delivered %d/%d file(s) to %s", sent, len(items), destination)
+
+    def _deliver_hl7(self, destination: Hl7Destination, items: list[OutboxItem]) -> None:
+        """ORU messages over MLLP: AA done, AE back-off, AR dead-letter (delivery/hl7.py)."""
+        answered: set[int] = set()
+
+        def record(i: int, ack: Acknowledgement) -> None:
+            item = items[i]
+            answered.add(i)
+            self.audit.record(
+                "delivery",
+                outcome="sent" if ack.accepted else "refused",
+                destination=destination.name,
+                job_id=item.job_id,
+                file=item.path.name,
+                ack=ack.code,
+                reason=ack.error,
+            )
+            if ack.accepted:
+                self.outbox.delivered(item.id, 0)
+                return
+            why = ack.error or f"{destination.name} answered {ack.code}"
+            state = self.outbox.delivery_failed(item.id, why, transient=ack.transient)
+            log.warning(
+                "job %d: HL7 message to %s: %s -> %s", item.job_id, destination.name, why, state
+            )
+
+        try:
+            send_messages(destination, [i.path for i in items], record)
+        except (OSError, TimeoutError, ValueError) as exc:
+            reason = f"cannot send: {type(exc).__name__}: {exc}"
+            log.warning("HL7 delivery to %s failed: %s", destination.name, reason)
+            self.audit.record(
+                "delivery",
+                outcome="failed",
+                destination=destination.name,
+                transient=True,
+                reason=reason[:300],
+                files=len(items) - len(answered),
+            )
+            for i, item in enumerate(items):
+                if i not in answered:
+                    self.outbox.delivery_failed(item.id, reason, transient=True)
+            return
+        log.info("delivered %d HL7 message(s) to %s", len(items), destination.name)
 
     def _record(self, destination: str, item: OutboxItem, result: SendResult) -> int:
         """Record one C-STORE answer in the outbox; returns 1 if it was delivered."""

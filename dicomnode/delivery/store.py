@@ -86,11 +86,17 @@ class Outbox:
     # --- results in ----------------------------------------------------------------------
 
     def accept_results(
-        self, job_id: int, outputs: Sequence[tuple[str, Path]], summary: str, note: str = ""
+        self,
+        job_id: int,
+        outputs: Sequence[tuple[str, Path]],
+        summary: str,
+        note: str = "",
+        triage_priority: str = "",
     ) -> JobState:
         """Queue a job's result files per destination and move the job on, atomically:
         ``running -> sending`` (or ``done`` when there is nothing to send).  ``note`` is kept
-        as the job's error line (series that could not be processed)."""
+        as the job's error line (series that could not be processed); ``triage_priority``
+        is recorded with the job."""
         now = time.time()
         with self.db.transaction() as conn:
             conn.executemany(
@@ -98,7 +104,14 @@ class Outbox:
                    VALUES (?, ?, ?, 'pending', ?)""",
                 [(job_id, d, self.db.relative(p), now) for d, p in outputs],
             )
-            self.jobs.processed(conn, job_id, summary, to_deliver=bool(outputs), note=note)
+            self.jobs.processed(
+                conn,
+                job_id,
+                summary,
+                to_deliver=bool(outputs),
+                note=note,
+                triage_priority=triage_priority,
+            )
             return self.jobs.get(job_id, conn).state
 
     def retry_job(self, job_id: int) -> JobState:

@@ -21,9 +21,15 @@ from collections.abc import Sequence
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import RetrySettings
-from dicomnode.jobs.store import JobStore
+from dicomnode.jobs.store import REQUEST_RANKS, JobStore
 from dicomnode.routing.rules import SeriesInfo
-from dicomnode.routing.select import RouteLike, explain, match_routes, series_infos
+from dicomnode.routing.select import (
+    RouteLike,
+    explain,
+    match_routes,
+    request_priority,
+    series_infos,
+)
 from dicomnode.spool.index import Index, InstanceRecord, StudyState
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,11 @@ class Scheduler:
         self.jobs = jobs
         self.routes = routes
         self.quiet_period_s = quiet_period_s
+
+    def _route_priority(self, name: str) -> str:
+        """The route's own least priority (``priority = "STAT"`` in its configuration)."""
+        route = next((r for r in self.routes if r.name == name), None)
+        return str(getattr(route, "priority", "ROUTINE"))
 
     def tick(self, now: float | None = None) -> list[int]:
         """Complete every quiet study; returns the ids of the jobs created."""
@@ -104,6 +115,11 @@ class Scheduler:
                 if earlier is not None:
                     unchanged.append(f"{m.route} (no new images since job {earlier})")
                     continue
+                selected = [i for i in infos if i.series_instance_uid in m.series_uids]
+                rank = max(
+                    REQUEST_RANKS[request_priority(selected)],
+                    REQUEST_RANKS[self._route_priority(m.route)],
+                )
                 job_id = self.jobs.create(
                     conn,
                     study_uid,
@@ -112,6 +128,7 @@ class Scheduler:
                     list(m.series_uids),
                     list(m.destinations),
                     digest,
+                    request_priority=rank,
                 )
                 if job_id is not None:
                     created.append(job_id)

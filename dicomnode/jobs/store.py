@@ -11,6 +11,11 @@ the only transitions allowed between them are :data:`TRANSITIONS`::
     failed | done -> queued      (operator re-run)
     failed -> sending            (operator re-send of dead-lettered results)
 
+Queued jobs are claimed by priority, then age (:meth:`JobStore.claim`): a job's score is
+its request priority (0 routine, 1 HIGH, 2 STAT) plus the time it has waited divided by
+``aging_s``, and the highest score goes first (ties: the oldest).  A STAT study overtakes
+routine ones, and a routine job that has waited long enough overtakes a new STAT one.
+
 Every state has a way out: jobs left ``running`` by a crash are re-queued at start-up
 (:meth:`JobStore.recover`), or dead-lettered once they have been interrupted
 ``max_attempts`` times.  Methods that take a ``conn`` run inside the caller's
@@ -72,6 +77,14 @@ class Job:
     updated_at: float
     finished_at: float | None
     summary: str
+    #: The study's request priority: 0 routine, 1 HIGH, 2 STAT (see :data:`REQUEST_RANKS`).
+    request_priority: int = 0
+    #: The triage priority of the results (urgent, review, routine); "" before processing.
+    triage_priority: str = ""
+
+
+#: Claim rank of each request priority (the configuration's names).
+REQUEST_RANKS = {"ROUTINE": 0, "HIGH": 1, "STAT": 2}
 
 
 def _job(r: sqlite3.Row) -> Job:
@@ -111,16 +124,18 @@ class JobStore:
         series_uids: list[str],
         destinations: list[str],
         inputs_digest: str = "",
+        request_priority: int = 0,
     ) -> int | None:
         """Insert a queued job inside the caller's transaction (None if it exists).
 
         ``inputs_digest`` identifies the instances the job reads (see
-        :meth:`ran_with_inputs`)."""
+        :meth:`ran_with_inputs`); ``request_priority`` is its claim rank
+        (:data:`REQUEST_RANKS`)."""
         now = time.time()
         cur = conn.execute(
             """INSERT OR IGNORE INTO jobs (study_instance_uid, route, generation, series_uids,
-               destinations, state, created_at, updated_at, inputs_digest)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               destinations, state, created_at, updated_at, inputs_digest, request_priority)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 study_uid,
                 route,
@@ -131,6 +146,7 @@ class JobStore:
                 now,
                 now,
                 inputs_digest,
+                request_priority,
             ),
         )
         return cur.lastrowid if cur.rowcount else None
@@ -147,12 +163,16 @@ class JobStore:
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def claim(self) -> Job | None:
-        """Atomically take the oldest due queued job and mark it running."""
+    def claim(self, aging_s: float = 600.0) -> Job | None:
+        """Atomically take the due queued job with the highest score and mark it running.
+
+        Score: request priority + seconds waited / ``aging_s`` (ties: the oldest)."""
+        now = time.time()
         with self.db.transaction() as conn:
             row = conn.execute(
-                "SELECT * FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT 1",
-                (str(QUEUED), time.time()),
+                "SELECT * FROM jobs WHERE state = ? AND next_attempt_at <= ? "
+                "ORDER BY request_priority + (? - created_at) / ? DESC, id LIMIT 1",
+                (str(QUEUED), now, now, aging_s),
             ).fetchone()
             if row is None:
                 return None
@@ -203,10 +223,18 @@ class JobStore:
         *,
         to_deliver: bool,
         note: str = "",
+        triage_priority: str = "",
     ) -> None:
         """Inside the caller's transaction: running -> sending (or done: nothing to send);
-        ``note`` says what was not processed."""
-        self.move(conn, job_id, SENDING if to_deliver else DONE, summary=summary, last_error=note)
+        ``note`` says what was not processed, ``triage_priority`` what the results call for."""
+        self.move(
+            conn,
+            job_id,
+            SENDING if to_deliver else DONE,
+            summary=summary,
+            last_error=note,
+            triage_priority=triage_priority,
+        )
 
     def delivery_finished(self, conn: sqlite3.Connection, job_id: int, error: str) -> None:
         """Inside the caller's transaction: every result answered; sending -> done | failed.

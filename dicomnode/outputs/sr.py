@@ -83,6 +83,13 @@ NO_UNITS = Code("1", "UCUM", "no units")
 CT_UNSPECIFIED = Code("25045-6", "LN", "CT unspecified body region")
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging")
 SOURCE = Code("260753009", "SCT", "Source")  # TID 1601 image library entry
+# Triage priority (SNOMED CT "Priorities" 272125009 hierarchy): concept name and values.
+PRIORITY = Code("260870009", "SCT", "Priority")
+PRIORITY_CODES = {
+    "urgent": Code("103391001", "SCT", "Urgent"),
+    "review": Code("394849002", "SCT", "High priority"),
+    "routine": Code("50811001", "SCT", "Routine"),
+}
 
 MeasurementGroup: TypeAlias = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -295,6 +302,20 @@ def _absent_group(
 _POSITION_DESCRIPTORS = frozenset({"110901", "110902", "110903"})  # Image Position X/Y/Z
 
 
+def _priority_group(
+    priority: str, algorithm: AlgorithmInfo, uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 with one qualitative evaluation: (260870009, SCT, "Priority") = the triage
+    priority the pipeline's rules gave the result."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier="triage priority"),
+        algorithm_id=_algorithm_id(algorithm),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=coded(PRIORITY), value=coded(PRIORITY_CODES[priority]))
+        ],
+    )
+
+
 def _image_library(
     source_datasets: Sequence[Dataset], volume: Volume
 ) -> hd.sr.ContainerContentItem:
@@ -433,6 +454,7 @@ def build_measurement_report(
     procedure_reported: Code | None = None,
     uid_seed: str | None = None,
     previous_versions: Sequence[Dataset] = (),
+    priority: str | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR with a TID 1500 Measurement Report for ``result``.
 
@@ -457,6 +479,10 @@ def build_measurement_report(
     previous_versions
         Earlier reports this one supersedes (a re-run after late instances); they are
         listed in the Predecessor Documents Sequence.
+    priority
+        The triage priority (``urgent``, ``review``, ``routine``) given to the result; when
+        given, a last TID 1501 group carries it as a qualitative evaluation
+        (:data:`PRIORITY` = one of :data:`PRIORITY_CODES`).
 
     Raises
     ------
@@ -480,9 +506,15 @@ def build_measurement_report(
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
             raise OutputError(f"{name} must be a positive integer, not {plain(value)!r}")
+    if priority is not None and priority not in PRIORITY_CODES:
+        raise OutputError(
+            f"priority must be one of {', '.join(PRIORITY_CODES)}, not {plain(priority)!r}"
+        )
     groups = _groups(result, segmentation, uid_seed)
     if not groups:
         raise OutputError("result has no findings, classifications or segments: nothing to report")
+    if priority is not None:
+        groups.append(_priority_group(priority, result.algorithm, new_uid(uid_seed, "priority")))
 
     algorithm = result.algorithm
     procedures = _procedure_reported(source_datasets[0], result.volume.modality, procedure_reported)

@@ -60,13 +60,37 @@ def explicit_sop_classes(routes: Sequence[RouteLike]) -> frozenset[str]:
     return frozenset(found)
 
 
+#: Attributes that say how urgent the request is (PS3.3 C.4.10, C.4.11, C.30.2), read at
+#: the top level or from the first Request Attributes Sequence item that has them.
+REQUEST_PRIORITY_KEYWORDS = (
+    "RequestedProcedurePriority",
+    "ScheduledProcedureStepPriority",
+    "StudyPriorityID",
+)
+
+
 def _attributes(ds: Dataset) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for elem in ds:
         if elem.keyword and elem.VR != "SQ" and elem.tag.group not in (0x7FE0,):
             value = elem.value
             out[elem.keyword] = list(value) if type(value).__name__ == "MultiValue" else value
+    for item in ds.get("RequestAttributesSequence", None) or []:
+        for keyword in REQUEST_PRIORITY_KEYWORDS:
+            if keyword not in out and item.get(keyword):
+                out[keyword] = item.get(keyword)
     return out
+
+
+def request_priority(infos: Iterable[SeriesInfo]) -> str:
+    """The most pressing request priority the series' headers state: ``STAT``, ``HIGH`` or
+    ``ROUTINE`` (also for MEDIUM, LOW or none)."""
+    found = {
+        str(info.attributes.get(k) or "").strip().upper()
+        for info in infos
+        for k in REQUEST_PRIORITY_KEYWORDS
+    }
+    return next((p for p in ("STAT", "HIGH") if p in found), "ROUTINE")
 
 
 def series_infos(files: Iterable[tuple[str, Path]]) -> list[SeriesInfo]:
