@@ -1,8 +1,10 @@
 """The node's ASGI application: health, readiness and metrics; DICOMweb and pages mount here.
 
 Access: on 127.0.0.1 (the default) every request is served; bound to another address the
-node requires ``Authorization: Bearer <[http].token>`` on everything but ``/healthz`` and
-``/readyz`` (which show no patient data), because the other pages do.
+node requires ``Authorization: Bearer <[http].token>`` on everything but ``/healthz``,
+``/readyz`` (which show no patient data) and ``/login``, because the other pages do.  A
+browser signs in once at ``/login``: the token then travels in an HttpOnly, SameSite=Strict
+cookie (:data:`TOKEN_COOKIE`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dicomnode.audit import AuditLog
@@ -28,7 +30,8 @@ from dicomnode.delivery.store import Outbox
 from dicomnode.jobs.store import JobState, JobStore
 from dicomnode.spool.index import Index
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+TOKEN_COOKIE = "dicomnode_token"
 
 
 @dataclass
@@ -79,11 +82,17 @@ class _TokenMiddleware(BaseHTTPMiddleware):
     def __init__(self, app: object, token: str) -> None:
         super().__init__(app)  # type: ignore[arg-type]
         self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
+            cookie = request.cookies.get(TOKEN_COOKIE, "").encode()
+            if not (
+                hmac.compare_digest(given, self.expected) or hmac.compare_digest(cookie, self.token)
+            ):
+                if "text/html" in request.headers.get("accept", ""):
+                    return RedirectResponse("/login", 303)
                 return PlainTextResponse(
                     "a bearer token is required", 401, {"WWW-Authenticate": "Bearer"}
                 )

@@ -17,6 +17,7 @@ in its thread pool, off the event loop.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import jinja2
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -36,7 +37,7 @@ from starlette.templating import Jinja2Templates
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.store import Job
 from dicomnode.outputs.layout import job_folder, result_files, results_root
-from dicomnode.web.app import WebContext
+from dicomnode.web.app import TOKEN_COOKIE, WebContext
 from dicomnode.web.history import Attempt, delivery_attempts
 from dicomnode.web.render import Segmentation, key_slices, read_segmentation, render_key_slice
 from dicomnode.web.reports import ReportSummary, read_report
@@ -264,6 +265,40 @@ class Pages:
         return RedirectResponse(f"{back}{sep}message={quote(message)}", 303)
 
 
+LOGIN_FORM = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in</title>
+<link rel="stylesheet" href="/static/dashboard.css"></head><body><main>
+<h1>Sign in</h1><p>{message}</p><form method="post" action="/login">
+<input type="password" name="token" autocomplete="current-password" placeholder="token">
+<button type="submit" class="retry">Sign in</button></form></main></body></html>"""
+
+
+def login_routes(ctx: WebContext) -> list[BaseRoute]:
+    """``/login``: a browser trades ``[http].token`` for an HttpOnly cookie."""
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return HTMLResponse(LOGIN_FORM.format(message="This node requires its token."))
+        if not _same_origin(request):
+            return PlainTextResponse("cross-site request refused", 403)
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        given = form.get("token", [""])[0]
+        if not ctx.config.http.token or not hmac.compare_digest(
+            given.encode(), ctx.config.http.token.encode()
+        ):
+            return HTMLResponse(LOGIN_FORM.format(message="Wrong token."), 401)
+        response = RedirectResponse("/", 303)
+        response.set_cookie(
+            TOKEN_COOKIE,
+            given,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    return [Route("/login", login, methods=["GET", "POST"])]
+
+
 def _same_origin(request: Request) -> bool:
     """A POST from another site's page (a form aimed at 127.0.0.1) is refused."""
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
@@ -278,6 +313,7 @@ def page_routes(ctx: WebContext) -> list[BaseRoute]:
     """The worklist's routes, for ``create_app(ctx, extra_routes=...)``."""
     pages = Pages(ctx)
     return [
+        *login_routes(ctx),
         Route("/", pages.worklist),
         Route("/studies/{uid}", pages.study),
         Route("/jobs", pages.jobs),

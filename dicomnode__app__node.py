@@ -1,0 +1,292 @@
+"""The node: SCP, completeness scheduler, job workers and delivery, wired together.
+
+Lifecycle (uvicorn-style): :meth:`Node.start` recovers from any crash (partial files,
+running jobs, outbox rows in flight) and starts everything; :meth:`Node.stop` stops
+accepting associations, lets in-flight stores finish, lets workers finish the job in hand
+and leaves queued work in the index for the next start.  Workers run in their own
+processes (``workers`` >= 1) so a slow model never blocks receiving; ``workers = 0`` runs
+one worker thread in-process (tests, small installs).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from dicomnode.app.preflight import preflight
+from dicomnode.app.worker import run_jobs, worker_main
+from dicomnode.audit import AuditLog
+from dicomnode.config import Config
+from dicomnode.db import Database
+from dicomnode.delivery.deliverer import Deliverer
+from dicomnode.delivery.store import Outbox
+from dicomnode.errors import DicomNodeError
+from dicomnode.jobs.scheduler import Scheduler
+from dicomnode.jobs.store import DONE, JobStore
+from dicomnode.net.scp import StorageSCP
+from dicomnode.outputs.layout import job_folder, results_root
+from dicomnode.routing.select import explicit_sop_classes
+from dicomnode.spool.index import Index, InstanceHeader
+from dicomnode.spool.query import Catalog
+from dicomnode.spool.store import Spool
+from dicomnode.uids import is_image_storage, is_own_uid
+from dicomnode.web.app import WebContext, create_app
+from dicomnode.web.pages import page_routes
+from dicomnode.web.server import HttpServer
+
+log = logging.getLogger(__name__)
+
+
+def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
+    """Which received instances drive processing: images, and the SOP classes a route asks
+    for by name; never the node's own results (its UID root).  Everything else is stored
+    and acknowledged only (docs/conformance.md)."""
+    explicit = explicit_sop_classes(config.routes)
+
+    def drives(header: InstanceHeader) -> bool:
+        if is_own_uid(header.sop_instance_uid):
+            return False
+        return header.sop_class_uid in explicit or is_image_storage(header.sop_class_uid)
+
+    return drives
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.preflight = preflight(config)  # before anything is created or bound
+        for warning in self.preflight.warnings:
+            log.warning("%s", warning)
+        self.db = Database(config.node.data_dir)
+        self.index = Index(self.db)
+        self.jobs = JobStore(self.db, config.jobs)
+        self.outbox = Outbox(self.db, self.jobs, config.delivery)
+        self.audit = AuditLog(config.node.audit_path)
+        self.spool = Spool(
+            config.node.data_dir,
+            self.index,
+            min_free_bytes=config.node.min_free_disk_mb * 2**20,
+            rerun_late=config.completeness.late_arrivals == "rerun",
+            drives=driving_rule(config),
+        )
+        self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
+        self.scp = StorageSCP(
+            config.node, self.spool, audit=self.audit, catalog=self.catalog, remotes=config.remotes
+        )
+        self.scheduler = Scheduler(
+            self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
+        )
+        self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
+        self.http: HttpServer | None = None
+        self._last_purge = 0.0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._workers: list[BaseProcess] = []
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def _job_state(self, job_id: int) -> str | None:
+        """A job's state, shown by Query/Retrieve as its results' processing state."""
+        try:
+            return str(self.jobs.get(job_id).state)
+        except KeyError:
+            return None
+
+    def start(self) -> None:
+        removed = self.spool.cleanup_tmp()
+        jobs, items = self.recover()
+        if removed or jobs or items:
+            log.warning(
+                "recovered after an unclean stop: %d partial file(s) removed, %d job(s) "
+                "re-queued, %d outbox item(s) re-sent",
+                removed,
+                jobs,
+                items,
+            )
+        self.scp.start()
+        if self.config.http.enabled:
+            self.http = self._start_http()
+        self._spawn_thread(self._housekeeping, "housekeeping")
+        if self.config.node.workers == 0:
+            self._spawn_thread(self._work_in_thread, "worker")
+        for i in range(self.config.node.workers):
+            self._workers.append(self._start_worker(i))
+
+    def recover(self) -> tuple[int, int]:
+        """After a crash, in one transaction: running jobs go back to the queue, outbox
+        items in flight are re-sent, studies still receiving get their quiet period
+        restarted (their senders could not send while the node was down).  Returns the
+        jobs re-queued and the items re-sent."""
+        with self.db.transaction() as conn:
+            jobs = self.jobs.recover(conn)
+            items = self.outbox.recover(conn)
+            self.index.restart_quiet_periods(conn, time.time())
+        return jobs, items
+
+    def readiness(self) -> list[str]:
+        """Why the node cannot do its work now ([] when it can): ``/readyz``."""
+        reasons = []
+        try:
+            self.db.version  # noqa: B018 (a query: is the index reachable?)
+        except Exception as exc:  # sqlite3.Error, OSError: anything is "not ready"
+            reasons.append(f"index not reachable: {exc}")
+        try:
+            self.spool.check_space()
+        except DicomNodeError as exc:
+            reasons.append(str(exc))
+        dead = [p.name for p in self._workers if not p.is_alive()]
+        if dead:
+            reasons.append(f"worker(s) not running: {', '.join(dead)}")
+        if self.config.node.workers == 0 and not any(
+            t.name == "worker" and t.is_alive() for t in self._threads
+        ):
+            reasons.append("the worker thread is not running")
+        if self._stop.is_set():
+            reasons.append("stopping")
+        return reasons
+
+    def _start_http(self) -> HttpServer:
+        ctx = WebContext(
+            self.config,
+            self.index,
+            self.jobs,
+            self.outbox,
+            self.audit,
+            self.readiness,
+            CollectorRegistry(),
+        )
+        http = self.config.http
+        server = HttpServer(create_app(ctx, page_routes(ctx)), http.bind_address, http.port)
+        server.start()
+        return server
+
+    def _work_in_thread(self) -> None:
+        run_jobs(self.config, self._stop)
+
+    def _start_worker(self, number: int) -> BaseProcess:
+        p = mp.get_context("spawn").Process(
+            target=worker_main,
+            args=(self.config, self.config.node.log_level, os.getpid()),
+            name=f"dicomnode-worker-{number}",
+            daemon=False,
+        )
+        p.start()
+        return p
+
+    def _check_workers(self) -> None:
+        """A worker that died is replaced; the job it was running goes back to the queue."""
+        for i, p in enumerate(self._workers):
+            if p.is_alive() or self._stop.is_set() or p.pid is None:
+                continue
+            released = self.jobs.release_worker(p.pid)
+            log.error(
+                "worker %s (pid %d) died with exit code %s; %d job(s) re-queued, "
+                "starting a new worker",
+                p.name,
+                p.pid,
+                p.exitcode,
+                released,
+            )
+            self.audit.record(
+                "worker", outcome="died", pid=p.pid, exitcode=p.exitcode, jobs_requeued=released
+            )
+            self._workers[i] = self._start_worker(i)
+
+    def _spawn_thread(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _housekeeping(self) -> None:
+        interval = self.config.completeness.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                self.scheduler.tick()
+                self.deliverer.run_once()
+                self._check_workers()
+                self.purge_expired()
+            except Exception:
+                log.exception("housekeeping failed; retrying")
+            self._stop.wait(interval)
+
+    def purge_expired(self, now: float | None = None) -> list[str]:
+        """Retention: delete spooled studies older than ``retention_days`` once every job
+        of theirs is done (results delivered); studies with open or failed jobs are kept."""
+        days = self.config.node.retention_days
+        now = time.time() if now is None else now
+        if days <= 0 or (now - self._last_purge < 60.0 and now >= self._last_purge):
+            return []
+        self._last_purge = now
+        purged = []
+        results = results_root(self.config.node.data_dir)
+        for study in self.index.finished_before(now - days * 86400.0):
+            jobs = self.jobs.for_study(study)
+            if any(j.state != DONE for j in jobs):
+                continue
+            files = self.spool.purge_study(study)
+            for job in jobs:
+                shutil.rmtree(job_folder(results, job.id), ignore_errors=True)
+            job_ids = [j.id for j in jobs]
+            self.audit.record(
+                "purge", study_instance_uid=study, files=files, jobs=job_ids, retention_days=days
+            )
+            purged.append(study)
+        if purged:
+            log.info("retention: purged %d delivered stud(ies)", len(purged))
+        return purged
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Graceful stop: no new associations, in-flight stores and jobs finish."""
+        log.info("stopping: no new associations; finishing in-flight work")
+        self.scp.stop()
+        if self.http is not None:
+            self.http.stop()
+        self._stop.set()
+        for p in self._workers:
+            if p.is_alive() and p.pid is not None:
+                p.terminate()  # SIGTERM: the worker finishes the job in hand
+        for p in self._workers:
+            p.join(timeout)
+            if p.is_alive():
+                log.error("worker %s did not stop in %.0f s; killing it", p.name, timeout)
+                p.kill()
+        for t in self._threads:
+            t.join(timeout)
+        self.deliverer.shutdown()
+        log.info("stopped; queued work stays in %s", self.db.path)
+
+    def kill_workers(self) -> None:
+        for p in self._workers:
+            p.kill()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; a second signal forces an immediate exit."""
+        done = threading.Event()
+        count = 0
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal count
+            count += 1
+            if count > 1:
+                log.error("second signal: forcing exit")
+                self.kill_workers()
+                raise SystemExit(1)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()

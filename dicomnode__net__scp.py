@@ -1,0 +1,323 @@
+"""The C-ECHO / C-STORE SCP.
+
+The C-STORE handler takes the encoded bytes as received (no decoding), hands them to the
+spool, and answers with the status :func:`dicomnode.net.status.status_for` gives.  What the
+node changes in pynetdicom's acceptor (TCP_NODELAY and timeouts on accepted sockets, the
+caller's host check, the guards against malformed input) is in
+:mod:`dicomnode.net.patches`; start-up refuses a pynetdicom they were not tested with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.audit import AuditLog
+from dicomnode.config import NodeSettings, Remote
+from dicomnode.errors import InvalidInstanceError
+from dicomnode.net import patches, status
+from dicomnode.net.qr import QueryRetrieveSCP
+from dicomnode.net.tls import server_context
+from dicomnode.spool.query import Catalog
+from dicomnode.spool.store import Spool, StoreOutcome, read_header
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReceiveCounters:
+    stored: int = 0
+    duplicates: int = 0
+    new_versions: int = 0
+    failed: int = 0
+
+
+class StorageSCP:
+    """Runs the node's listening AE: C-ECHO, C-STORE into the spool and, given a
+    ``catalog``, Query/Retrieve (C-FIND, C-GET, C-MOVE to ``remotes``: :mod:`.qr`)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        audit: AuditLog | None = None,
+        *,
+        catalog: Catalog | None = None,
+        remotes: tuple[Remote, ...] = (),
+    ) -> None:
+        patches.check_pynetdicom()
+        self.settings = settings
+        self.spool = spool
+        self.audit = audit or AuditLog(None)
+        self.qr = (
+            None
+            if catalog is None
+            else QueryRetrieveSCP(settings, catalog, remotes, self.audit, self._caller_allowed)
+        )
+        self.counters = ReceiveCounters()
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.network_timeout = s.network_timeout_s
+        ae.acse_timeout = min(30.0, s.network_timeout_s)
+        ae.dimse_timeout = s.network_timeout_s
+        ae.require_called_aet = s.require_called_ae
+        if s.allowed_callers:
+            ae.require_calling_aet = [c.ae_title for c in s.allowed_callers]
+        # With Q/R, a C-GET caller may take the SCP role for storage (PS3.7 D.3.3.4).
+        role = {"scu_role": True, "scp_role": True} if self.qr is not None else {}
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, **role)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if self.qr is not None:
+            for sop_class in self.qr.sop_classes():
+                ae.add_supported_context(sop_class, self.qr.transfer_syntaxes())
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in a background thread (port 0 picks a free port)."""
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_CONN_OPEN, self._log_open),
+            (evt.EVT_REJECTED, self._log_rejected),
+            (evt.EVT_ACCEPTED, self._log_association),
+            (evt.EVT_RELEASED, self._log_association),
+            (evt.EVT_ABORTED, self._log_association),
+        ]
+        if self.qr is not None:
+            handlers += [
+                (evt.EVT_C_FIND, self.qr.handle_find),
+                (evt.EVT_C_MOVE, self.qr.handle_move),
+                (evt.EVT_C_GET, self.qr.handle_get),
+            ]
+        tls = self.settings.tls
+        server = patches.make_server(
+            self.ae,
+            (self.settings.bind_address, self.settings.port),
+            handlers,
+            ssl_context=server_context(tls) if tls.enabled else None,
+        )
+        stamp = datetime.now().strftime("%H%M%S")
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"scp-acceptor-{stamp}", daemon=True
+        )
+        self._thread.start()
+        self._server = server
+        log.info(
+            "listening as %s on %s:%d",
+            self.settings.ae_title,
+            self.settings.bind_address,
+            self.port,
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, then wait for in-flight associations to finish their stores."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stops the accept loop; running associations keep going
+        for assoc in list(server.active_associations):
+            assoc.join(timeout=self.settings.network_timeout_s)
+        server.server_close()
+        self._server = None
+        log.info("SCP stopped")
+
+    # --- handlers (tiny: check, store, answer) -------------------------------------
+
+    def _caller_allowed(self, ae_title: str, host: str) -> bool:
+        callers = self.settings.allowed_callers
+        if not callers:
+            return True
+        return any(c.ae_title == ae_title and (not c.hosts or host in c.hosts) for c in callers)
+
+    def _handle_echo(self, event: Event) -> int:
+        return status.SUCCESS
+
+    def _handle_store(self, event: Event) -> int:
+        requestor = event.assoc.requestor
+        ae_title, host = str(requestor.ae_title).strip(), str(requestor.address)
+        if not self._caller_allowed(ae_title, host):
+            log.warning("C-STORE refused: %s at %s is not an allowed caller", ae_title, host)
+            self.audit.record(
+                "instance",
+                outcome="refused",
+                status=status.REFUSED_NOT_AUTHORIZED,
+                calling_ae=ae_title,
+                host=host,
+                reason="caller not allowed",
+            )
+            return status.REFUSED_NOT_AUTHORIZED
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+            header = read_header(encoded)
+            req: Any = event.request
+            if str(req.AffectedSOPInstanceUID) != header.sop_instance_uid:
+                raise InvalidInstanceError(
+                    "SOP Instance UID of the dataset differs from the C-STORE request"
+                )
+            if str(req.AffectedSOPClassUID) != header.sop_class_uid:
+                log.warning("C-STORE rejected: dataset SOP class differs from the request")
+                with self._lock:
+                    self.counters.failed += 1
+                self.audit.record(
+                    "instance",
+                    outcome="refused",
+                    calling_ae=ae_title,
+                    host=host,
+                    status=status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    sop_instance_uid=header.sop_instance_uid,
+                    reason="SOP class differs from the request",
+                )
+                return status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS
+            outcome = self.spool.store(
+                encoded, calling_ae=ae_title, calling_host=host, header=header
+            )
+        except Exception as exc:
+            code = status.status_for(exc)
+            log.warning("C-STORE from %s failed with 0x%04X: %s", ae_title, code, exc)
+            with self._lock:
+                self.counters.failed += 1
+            self.audit.record(
+                "instance",
+                outcome="refused",
+                status=code,
+                calling_ae=ae_title,
+                host=host,
+                reason=str(exc)[:300],
+            )
+            return code
+        with self._lock:
+            if outcome is StoreOutcome.DUPLICATE:
+                self.counters.duplicates += 1
+            else:
+                self.counters.stored += 1
+                if outcome is StoreOutcome.NEW_VERSION:
+                    self.counters.new_versions += 1
+        self.audit.record(
+            "instance",
+            outcome=outcome.value,
+            status=status.SUCCESS,
+            calling_ae=ae_title,
+            host=host,
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+        )
+        return status.SUCCESS
+
+    def _log_open(self, event: Event) -> None:
+        """Runs before the association starts: install the host check and the guards
+        against malformed input (:mod:`dicomnode.net.patches`), log the connection."""
+        if any(c.hosts for c in self.settings.allowed_callers):
+            patches.check_caller_host(event.assoc, self._caller_allowed)
+        patches.guard_association(event.assoc, self.settings.max_pdu)
+        address: Any = getattr(event, "address", ("?", "?"))
+        log.debug("connection from %s:%s", address[0], address[1])
+
+    def _log_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "association from %s at %s rejected",
+            str(requestor.ae_title).strip(),
+            requestor.address,
+        )
+        self.audit.record(
+            "association",
+            outcome="rejected",
+            calling_ae=str(requestor.ae_title).strip(),
+            host=requestor.address,
+            called_ae=str(event.assoc.acceptor.ae_title).strip(),
+        )
+
+    def _log_association(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        outcome = {
+            "EVT_ACCEPTED": "accepted",
+            "EVT_RELEASED": "released",
+            "EVT_ABORTED": "aborted",
+        }.get(event.event.name, event.event.name)
+        self.audit.record(
+            "association",
+            outcome=outcome,
+            calling_ae=str(requestor.ae_title).strip(),
+            host=requestor.address,
+            tls=self.settings.tls.enabled,
+        )
+
+
+class FolderSCP:
+    """A minimal storage SCP that writes what it receives into a folder (demo, tests)."""
+
+    def __init__(
+        self, ae_title: str, folder: Path, bind_address: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        patches.check_pynetdicom()
+        self.folder = folder
+        self.received: list[Path] = []
+        self._cond = threading.Condition()
+        self.ae = AE(ae_title=ae_title)
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        self._address = (bind_address, port)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        server = patches.make_server(
+            self.ae,
+            self._address,
+            [(evt.EVT_C_STORE, self._handle), (evt.EVT_C_ECHO, lambda e: 0)],
+        )
+        threading.Thread(target=server.serve_forever, name="folder-scp", daemon=True).start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _handle(self, event: Event) -> int:
+        req: Any = event.request
+        uid = str(req.AffectedSOPInstanceUID)
+        path = self.folder / f"{uid}.dcm"
+        path.write_bytes(event.encoded_dataset(include_meta=True))
+        with self._cond:
+            self.received.append(path)
+            self._cond.notify_all()
+        return status.SUCCESS
+
+    def wait_for(self, count: int, timeout: float) -> list[Path]:
+        """Block until ``count`` instances arrived (or the timeout passed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.received) >= count, timeout=timeout)
+            return list(self.received)
