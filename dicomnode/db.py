@@ -200,12 +200,38 @@ def _v4_job_priorities(conn: sqlite3.Connection, data_dir: Path) -> None:
         conn.execute("ALTER TABLE jobs ADD COLUMN triage_priority TEXT NOT NULL DEFAULT ''")
 
 
+def _v5_query_attributes(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """The attributes C-FIND matches on (``spool.query``), one row per object the node can
+    be asked for: received instances (newest version) and its own result files.  Filled
+    lazily before each query, so instances received before this version are found too."""
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS query_instances (
+            sop_instance_uid TEXT NOT NULL,
+            origin TEXT NOT NULL CHECK (origin IN ('received', 'result')),
+            study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            transfer_syntax_uid TEXT NOT NULL,
+            path TEXT NOT NULL,
+            job_id INTEGER,
+            source_id INTEGER NOT NULL,
+            attributes TEXT NOT NULL,
+            UNIQUE (sop_instance_uid, origin)
+        )"""
+    )
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS query_instances_study ON query_instances (study_instance_uid)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS query_instances_source ON query_instances (source_id)")
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
     _v2_relative_paths_and_study_retries,
     _v3_what_drives_processing,
     _v4_job_priorities,
+    _v5_query_attributes,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -37,6 +37,7 @@ from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import job_folder, results_root
 from dicomnode.routing.select import explicit_sop_classes
 from dicomnode.spool.index import Index, InstanceHeader
+from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool
 from dicomnode.uids import is_image_storage, is_own_uid
 from dicomnode.web.app import WebContext, create_app
@@ -78,7 +79,10 @@ class Node:
             rerun_late=config.completeness.late_arrivals == "rerun",
             drives=driving_rule(config),
         )
-        self.scp = StorageSCP(config.node, self.spool, audit=self.audit)
+        self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
+        self.scp = StorageSCP(
+            config.node, self.spool, audit=self.audit, catalog=self.catalog, remotes=config.remotes
+        )
         self.scheduler = Scheduler(
             self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
         )
@@ -92,6 +96,13 @@ class Node:
     @property
     def port(self) -> int:
         return self.scp.port
+
+    def _job_state(self, job_id: int) -> str | None:
+        """A job's state, shown by Query/Retrieve as its results' processing state."""
+        try:
+            return str(self.jobs.get(job_id).state)
+        except KeyError:
+            return None
 
     def start(self) -> None:
         removed = self.spool.cleanup_tmp()

@@ -22,10 +22,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import NodeSettings
+from dicomnode.config import NodeSettings, Remote
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.net import patches, status
+from dicomnode.net.qr import QueryRetrieveSCP
 from dicomnode.net.tls import server_context
+from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
@@ -40,18 +42,27 @@ class ReceiveCounters:
 
 
 class StorageSCP:
-    """Runs the node's listening AE: C-ECHO, and C-STORE into the spool."""
+    """Runs the node's listening AE: C-ECHO, C-STORE into the spool and, given a
+    ``catalog``, Query/Retrieve (C-FIND, C-GET, C-MOVE to ``remotes``: :mod:`.qr`)."""
 
     def __init__(
         self,
         settings: NodeSettings,
         spool: Spool,
         audit: AuditLog | None = None,
+        *,
+        catalog: Catalog | None = None,
+        remotes: tuple[Remote, ...] = (),
     ) -> None:
         patches.check_pynetdicom()
         self.settings = settings
         self.spool = spool
         self.audit = audit or AuditLog(None)
+        self.qr = (
+            None
+            if catalog is None
+            else QueryRetrieveSCP(settings, catalog, remotes, self.audit, self._caller_allowed)
+        )
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
@@ -69,9 +80,14 @@ class StorageSCP:
         ae.require_called_aet = s.require_called_ae
         if s.allowed_callers:
             ae.require_calling_aet = [c.ae_title for c in s.allowed_callers]
+        # With Q/R, a C-GET caller may take the SCP role for storage (PS3.7 D.3.3.4).
+        role = {"scu_role": True, "scp_role": True} if self.qr is not None else {}
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, **role)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if self.qr is not None:
+            for sop_class in self.qr.sop_classes():
+                ae.add_supported_context(sop_class, self.qr.transfer_syntaxes())
         return ae
 
     @property
@@ -91,6 +107,12 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._log_association),
             (evt.EVT_ABORTED, self._log_association),
         ]
+        if self.qr is not None:
+            handlers += [
+                (evt.EVT_C_FIND, self.qr.handle_find),
+                (evt.EVT_C_MOVE, self.qr.handle_move),
+                (evt.EVT_C_GET, self.qr.handle_get),
+            ]
         tls = self.settings.tls
         server = patches.make_server(
             self.ae,

@@ -15,6 +15,7 @@ stored relative to the data directory (:meth:`dicomnode.db.Database.relative`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -98,8 +99,26 @@ class NewInstance:
     calling_host: str
 
 
+@dataclass(frozen=True)
+class QueryRow:
+    """One object a query can find (``query_instances``): a received instance (its newest
+    version; ``source_id`` is its ``instances`` row) or a result file of the node
+    (``job_id`` set; ``source_id`` is the file's modification time in ns).  ``path`` is
+    relative to the data directory; ``attributes`` maps keyword -> value as text."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    job_id: int | None
+    source_id: int
+    attributes: dict[str, str]
+
+
 class Index:
-    """Instances and studies in the node's database."""
+    """Instances, studies and their query attributes in the node's database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -351,3 +370,93 @@ class Index:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM instances WHERE study_instance_uid = ?", (study_uid,))
             conn.execute("DELETE FROM studies WHERE study_instance_uid = ?", (study_uid,))
+            conn.execute("DELETE FROM query_instances WHERE study_instance_uid = ?", (study_uid,))
+
+    # --- query attributes (dicomnode.spool.query) ------------------------------------
+
+    def instances_without_query_row(self, limit: int = 100000) -> list[tuple[int, InstanceRecord]]:
+        """(row id, record) of the newest version of each received instance whose query
+        attributes are not recorded yet."""
+        rows = (
+            self.db.connect()
+            .execute(
+                """SELECT * FROM instances i WHERE version = (
+                   SELECT MAX(version) FROM instances j
+                   WHERE j.sop_instance_uid = i.sop_instance_uid)
+                   AND NOT EXISTS (SELECT 1 FROM query_instances q
+                   WHERE q.job_id IS NULL AND q.source_id = i.id) ORDER BY id LIMIT ?""",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [(int(r["id"]), self._instance(r)) for r in rows]
+
+    def put_query_row(self, row: QueryRow) -> None:
+        """Record (or replace) the query attributes of a received instance or result file."""
+        origin = "received" if row.job_id is None else "result"
+        with self.db.transaction() as conn:
+            if row.job_id is not None:
+                conn.execute("DELETE FROM query_instances WHERE path = ?", (row.path,))
+            conn.execute(
+                """INSERT OR REPLACE INTO query_instances (sop_instance_uid, origin,
+                   study_instance_uid, series_instance_uid, sop_class_uid,
+                   transfer_syntax_uid, path, job_id, source_id, attributes)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    row.sop_instance_uid,
+                    origin,
+                    row.study_instance_uid,
+                    row.series_instance_uid,
+                    row.sop_class_uid,
+                    row.transfer_syntax_uid,
+                    row.path,
+                    row.job_id,
+                    row.source_id,
+                    json.dumps(row.attributes, separators=(",", ":")),
+                ),
+            )
+
+    def result_query_files(self) -> dict[str, int]:
+        """Result files with query rows: path -> modification time (ns) when read."""
+        rows = self.db.connect().execute(
+            "SELECT path, source_id FROM query_instances WHERE job_id IS NOT NULL"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def remove_query_rows_of_files(self, paths: list[str]) -> None:
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "DELETE FROM query_instances WHERE job_id IS NOT NULL AND path = ?",
+                [(p,) for p in paths],
+            )
+
+    def query_rows(self, uids: dict[str, list[str]]) -> list[QueryRow]:
+        """Query rows, narrowed to the UIDs given per keyword (StudyInstanceUID,
+        SeriesInstanceUID, SOPInstanceUID), newest first."""
+        columns = {
+            "StudyInstanceUID": "study_instance_uid",
+            "SeriesInstanceUID": "series_instance_uid",
+            "SOPInstanceUID": "sop_instance_uid",
+        }
+        where, args = [], []
+        for keyword, values in uids.items():
+            where.append(f"{columns[keyword]} IN ({', '.join('?' * len(values))})")
+            args.extend(values)
+        sql = "SELECT * FROM query_instances"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.db.connect().execute(sql + " ORDER BY rowid DESC", args).fetchall()
+        return [
+            QueryRow(
+                sop_instance_uid=r["sop_instance_uid"],
+                study_instance_uid=r["study_instance_uid"],
+                series_instance_uid=r["series_instance_uid"],
+                sop_class_uid=r["sop_class_uid"],
+                transfer_syntax_uid=r["transfer_syntax_uid"],
+                path=r["path"],
+                job_id=r["job_id"],
+                source_id=int(r["source_id"]),
+                attributes=json.loads(r["attributes"]),
+            )
+            for r in rows
+        ]
