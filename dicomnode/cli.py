@@ -1,28 +1,48 @@
-"""``dicomnode`` command line: the only place that configures logging or exits."""
+"""``dicomnode`` command line: the only place that configures logging or exits.
+
+Every error ends in one line on stderr (``error: ...``) and a non-zero exit status:
+2 for errors of the configuration, the input or the request, 1 when work failed.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from dicomnode.config import Config, default_config_path, load_config
 from dicomnode.errors import DicomNodeError
 
+DESCRIPTION = """\
+A DICOM node: receives studies from a PACS (C-STORE), runs the configured models on them
+and sends DICOM SEG and SR results back.  Start it with `dicomnode serve --config FILE`;
+check a configuration with `dicomnode check-config FILE`; follow its work with
+`dicomnode jobs`; try everything on this machine with `dicomnode demo`."""
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    quiet = max(logging.WARNING, logging.getLevelName(level))
-    for name in ("pynetdicom", "highdicom"):
-        logging.getLogger(name).setLevel(quiet)
+EPILOG = "Run `dicomnode COMMAND --help` for a command's options."
+
+
+class CommandError(DicomNodeError):
+    """A request the command cannot carry out (unknown job, missing folder, ...)."""
+
+
+def _package_version() -> str:
+    try:
+        return version("dicomnode")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from dicomnode.app.logformat import configure_logging
+
+    configure_logging(level, "json" if fmt == "json" else "text")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -33,12 +53,50 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path, overrides)
 
 
+def _local(epoch: float | None) -> str:
+    return "" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _iso(epoch: float | None) -> str | None:
+    if not epoch:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# --- serve, check-config, demo, batch ------------------------------------------------
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.app.node import Node
 
     config = _config(args)
-    _setup_logging(config.node.log_level)
-    Node(config).serve_forever()
+    _setup_logging(config.node.log_level, args.log_format)
+    node = Node(config, log_format=args.log_format)
+    try:
+        node.serve_forever()
+    except OSError as exc:  # a port in use, an address not on this machine
+        try:
+            node.scp.port  # noqa: B018 (the DICOM port was bound: the HTTP one failed)
+        except RuntimeError:
+            pass
+        else:
+            node.stop(timeout=10)
+        where = f"{config.node.bind_address}:{config.node.port}"
+        if config.http.enabled:
+            where += f" (HTTP {config.http.bind_address}:{config.http.port})"
+        raise CommandError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return 0
 
 
@@ -83,45 +141,192 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _setup_logging("WARNING" if not args.verbose else "INFO")
-    s = run_batch(config, Path(args.input), Path(args.output))
+    s = run_batch(config, Path(args.input), Path(args.output), progress=not args.no_progress)
     print(
         f"{len(s.done)} done, {len(s.skipped)} skipped (already done), "
+        f"{len(s.redone)} redone (outputs missing or changed), "
         f"{len(s.ignored)} ignored (no route), {len(s.failed)} failed in {s.seconds:.1f} s"
     )
+    print(f"manifest: {s.manifest_csv} and {s.manifest_json}")
     for study, reason in s.failed.items():
         print(f"  FAILED {study}: {reason}")
     return 0 if s.ok else 1
+
+
+# --- jobs ----------------------------------------------------------------------------
+
+
+def _job_document(job: Any, items: Sequence[Any] | None = None) -> dict[str, Any]:
+    end = job.finished_at or (time.time() if job.state in ("running", "sending") else None)
+    document: dict[str, Any] = {
+        "id": job.id,
+        "state": str(job.state),
+        "route": job.route,
+        "study_instance_uid": job.study_instance_uid,
+        "generation": job.generation,
+        "series_uids": list(job.series_uids),
+        "destinations": list(job.destinations),
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "finished_at": _iso(job.finished_at),
+        "duration_s": round(end - job.created_at, 3) if end else None,
+        "next_attempt_at": _iso(job.next_attempt_at) if job.state == "queued" else None,
+        "last_error": job.last_error,
+        "triage_priority": getattr(job, "triage_priority", ""),
+        "summary": json.loads(job.summary) if job.summary else None,
+    }
+    if items is not None:
+        document["outbox"] = [
+            {
+                "id": i.id,
+                "destination": i.destination,
+                "file": i.path.name,
+                "state": str(i.state),
+                "attempts": i.attempts,
+                "status": None if i.status is None else f"0x{i.status:04X}",
+                "next_attempt_at": _iso(i.next_attempt_at) if i.state == "pending" else None,
+                "last_error": i.last_error,
+            }
+            for i in items
+        ]
+    return document
+
+
+def _get_job(ctx: Any, job_id: int) -> Any:
+    try:
+        return ctx.jobs.get(job_id)
+    except KeyError:
+        raise CommandError(f"no job {job_id} (see `dicomnode jobs list`)") from None
+
+
+def _jobs_list(ctx: Any, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    jobs = ctx.jobs.list_jobs(state=args.state, limit=args.limit)
+    counts, outbox, studies = ctx.jobs.counts(), ctx.outbox.counts(), ctx.index.study_counts()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "jobs": [_job_document(j) for j in jobs],
+                    "counts": {"jobs": counts, "outbox": outbox, "studies": studies},
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console(width=max(160, Console().width))
+    table = Table(title=f"jobs ({args.state or 'all states'})", title_justify="left")
+    for column in ("id", "state", "route", "study", "att", "created", "took", "error"):
+        table.add_column(column, justify="right" if column in ("id", "att") else "left")
+    for j in jobs:
+        doc = _job_document(j)
+        table.add_row(
+            str(j.id),
+            str(j.state),
+            j.route,
+            "…" + j.study_instance_uid[-12:],
+            str(j.attempts),
+            _local(j.created_at),
+            _duration(doc["duration_s"]),
+            j.last_error[:60],
+        )
+    console.print(table)
+
+    def line(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+    console.print(f"jobs: {line(counts)}; outbox: {line(outbox)}; studies: {line(studies)}")
+    if studies.get("receiving"):
+        console.print(
+            f"{studies['receiving']} study(ies) still receiving: a study becomes jobs once "
+            f"no instance of it has arrived for the quiet period "
+            f"({ctx.config.completeness.quiet_period_s:g} s)"
+        )
+    return 0
+
+
+def _jobs_show(ctx: Any, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not args.ids:
+        raise CommandError("jobs show needs one or more job ids, e.g. `dicomnode jobs show 12`")
+    jobs = [_get_job(ctx, job_id) for job_id in args.ids]
+    documents = [_job_document(job, ctx.outbox.items(job.id)) for job in jobs]
+    if args.json:
+        print(json.dumps(documents if len(documents) > 1 else documents[0], indent=2))
+        return 0
+    console = Console(width=max(160, Console().width))
+    for job, doc in zip(jobs, documents, strict=True):
+        fields = Table(title=f"job {job.id}", show_header=False, title_justify="left")
+        fields.add_column("field", style="bold")
+        fields.add_column("value")
+        rows = [
+            ("state", str(job.state)),
+            ("route", job.route),
+            ("study", job.study_instance_uid),
+            ("generation", str(job.generation)),
+            ("series", ", ".join(job.series_uids)),
+            ("destinations", ", ".join(job.destinations)),
+            ("attempts", str(job.attempts)),
+            ("created", _local(job.created_at)),
+            ("updated", _local(job.updated_at)),
+            ("finished", _local(job.finished_at)),
+            ("took", _duration(doc["duration_s"])),
+            ("next attempt", _local(job.next_attempt_at) if job.state == "queued" else ""),
+            ("priority", doc["triage_priority"]),
+            ("error", job.last_error),
+        ]
+        for name, value in rows:
+            if value:
+                fields.add_row(name, value)
+        for series in (doc["summary"] or {}).get("series", []):
+            findings = len(series.get("findings", []))
+            fields.add_row("result", f"series {series.get('series')}: {findings} finding(s)")
+        console.print(fields)
+        items = Table(title="outbox", title_justify="left")
+        for column in ("id", "destination", "file", "state", "att", "status", "error"):
+            items.add_column(column)
+        for item in doc["outbox"]:
+            items.add_row(
+                str(item["id"]),
+                item["destination"],
+                item["file"],
+                item["state"],
+                str(item["attempts"]),
+                item["status"] or "",
+                item["last_error"][:80],
+            )
+        console.print(items)
+    return 0
+
+
+def _jobs_retry(ctx: Any, args: argparse.Namespace) -> int:
+    if not args.ids:
+        raise CommandError("jobs retry needs one or more job ids, e.g. `dicomnode jobs retry 12`")
+    for job_id in args.ids:
+        _get_job(ctx, job_id)
+        state = ctx.outbox.retry_job(job_id, force=args.force)
+        what = "results will be sent again" if state == "sending" else "queued to run again"
+        print(f"job {job_id}: {what} ({state})")
+    return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dicomnode.app.worker import WorkerContext
 
     config = _config(args)
+    if not config.node.data_dir.is_dir():
+        raise CommandError(f"no data directory {config.node.data_dir}: has the node run yet?")
     ctx = WorkerContext.open(config)
-    if args.action == "retry":
-        for job_id in args.ids:
-            print(f"job {job_id}: -> {ctx.outbox.retry_job(int(job_id))}")
-        return 0
-    if args.action == "show":
-        for job_id in args.ids:
-            job = ctx.jobs.get(int(job_id))
-            print(json.dumps(dataclasses.asdict(job), indent=2, default=str))
-            for item in ctx.outbox.items(job.id):
-                print(
-                    f"  outbox {item.id}: {item.destination} {item.path.name} {item.state} "
-                    f"attempts={item.attempts} status={item.status} {item.last_error}"
-                )
-        return 0
-    jobs = ctx.jobs.list_jobs(state=args.state)
-    print(f"{'id':>5} {'state':8} {'att':>3} {'route':16} {'study':>14}  updated   error")
-    for j in jobs:
-        updated = time.strftime("%H:%M:%S", time.localtime(j.updated_at))
-        print(
-            f"{j.id:>5} {j.state:8} {j.attempts:>3} {j.route[:16]:16} "
-            f"{'…' + j.study_instance_uid[-12:]:>14}  {updated}  {j.last_error[:60]}"
-        )
-    print(f"jobs: {ctx.jobs.counts()}  outbox: {ctx.outbox.counts()}")
-    return 0
+    action = {"list": _jobs_list, "show": _jobs_show, "retry": _jobs_retry}[args.action]
+    return action(ctx, args)
+
+
+# --- route, schema, phantom ------------------------------------------------------------
 
 
 def _describe_stack(paths: Sequence[Path]) -> str:
@@ -139,10 +344,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     from dicomnode.routing.select import explain, scan_folder, series_infos
 
     config = _config(args)
+    if not Path(args.study_dir).is_dir():
+        raise CommandError(f"study folder {args.study_dir} does not exist")
     studies = scan_folder(Path(args.study_dir))
     if not studies:
-        print(f"no DICOM files under {args.study_dir}")
-        return 1
+        raise CommandError(f"no DICOM files under {args.study_dir}")
     for study, series in studies.items():
         print(f"study {study}: {len(series)} series")
         infos = series_infos((uid, p) for uid, paths in series.items() for p in paths)
@@ -213,66 +419,132 @@ def _delegate(name: str, argv: Sequence[str]) -> int:
     return int(getattr(train_cli, entry)(list(argv)) or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a number)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a number from 1)")
+    return value
 
-    s = sub.add_parser("serve", help="run the node (C-ECHO/C-STORE SCP, jobs, delivery)")
-    s.add_argument("--config", required=True)
-    s.add_argument("--port", type=int, help="override [node].port")
+
+def _config_option(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--config",
+        required=required,
+        metavar="FILE",
+        help="the node's configuration file (TOML)"
+        + ("" if required else "; default: the embedded default configuration"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dicomnode.jobs.store import JobState
+
+    p = argparse.ArgumentParser(
+        prog="dicomnode",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"dicomnode {_package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+    s = command("serve", "run the node (C-ECHO/C-STORE SCP, jobs, delivery, HTTP port)")
+    _config_option(s, required=True)
+    s.add_argument("--port", type=int, help="DICOM port to listen on (overrides [node].port)")
+    s.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines as text (default) or one JSON object per line",
+    )
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("check-config", help="validate a configuration file")
-    s.add_argument("config")
+    s = command("check-config", "validate a configuration file and its model bundles")
+    s.add_argument("config", metavar="FILE", help="the configuration file (TOML) to check")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("demo", help="node + synthetic study + PACS on this machine")
-    s.add_argument("--out", help="work folder (default: a new temporary folder)")
-    s.add_argument("--slices", type=int, default=64)
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=7)
-    s.add_argument("-v", "--verbose", action="store_true")
+    s = command("demo", "run a node, a synthetic study and a PACS on this machine")
+    s.add_argument("--out", metavar="DIR", help="work folder (default: a new temporary folder)")
+    s.add_argument("--slices", type=int, default=64, help="slices of the phantom (default 64)")
+    s.add_argument("--size", type=int, default=256, help="rows and columns (default 256)")
+    s.add_argument("--seed", type=int, default=7, help="random seed of the phantom (default 7)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the node's INFO log")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("batch", help="convert a folder of DICOM studies offline")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--config")
-    s.add_argument("-v", "--verbose", action="store_true")
+    s = command("batch", "convert a folder of DICOM studies offline into SEG + SR files")
+    s.add_argument("input", metavar="INPUT", help="folder of DICOM files (any layout)")
+    s.add_argument("output", metavar="OUTPUT", help="folder for results, one per study")
+    _config_option(s, required=False)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show INFO log lines")
     s.set_defaults(func=cmd_batch)
 
-    s = sub.add_parser("jobs", help="list, show or retry jobs")
-    s.add_argument("action", nargs="?", choices=["list", "show", "retry"], default="list")
-    s.add_argument("ids", nargs="*")
-    s.add_argument("--config", required=True)
-    s.add_argument("--state")
+    s = command("jobs", "list jobs, show one, or retry failed ones")
+    s.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "show", "retry"],
+        default="list",
+        help="list (default), show IDS, or retry IDS",
+    )
+    s.add_argument("ids", nargs="*", type=_job_id, metavar="ID", help="job ids (show, retry)")
+    _config_option(s, required=True)
+    s.add_argument(
+        "--state", choices=[str(state) for state in JobState], help="list only jobs in this state"
+    )
+    s.add_argument("--limit", type=int, default=200, help="list at most this many (default 200)")
+    s.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="retry: run a done job again (its earlier delivery stays on record)",
+    )
     s.set_defaults(func=cmd_jobs)
 
-    s = sub.add_parser("route", help="explain which route matches a study folder")
-    s.add_argument("action", choices=["explain"])
-    s.add_argument("study_dir")
-    s.add_argument("--config")
+    s = command("route", "explain which route matches the studies in a folder")
+    s.add_argument("action", choices=["explain"], help="explain: show each rule's verdict")
+    s.add_argument("study_dir", metavar="FOLDER", help="folder of DICOM files")
+    _config_option(s, required=False)
     s.set_defaults(func=cmd_route)
 
-    s = sub.add_parser(
-        "schema", help="print the JSON Schema of the configuration, a model card or a recipe"
-    )
-    s.add_argument("document", choices=["config", "card", "recipe"])
+    s = command("schema", "print the JSON Schema of the configuration, a model card or a recipe")
+    s.add_argument("document", choices=["config", "card", "recipe"], help="which document")
     s.set_defaults(func=cmd_schema)
 
-    s = sub.add_parser("phantom", help="write a synthetic CT study with known lesions")
-    s.add_argument("out")
-    s.add_argument("--slices", type=int, default=64)
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--orientation", default="axial")
-    s.add_argument("--lesions", type=int, default=3)
-    s.add_argument("--seed", type=int, default=0)
+    s = command("phantom", "write a synthetic CT study with known lesions")
+    s.add_argument("out", metavar="DIR", help="folder to write the instances to")
+    s.add_argument("--slices", type=int, default=64, help="number of slices (default 64)")
+    s.add_argument("--size", type=int, default=256, help="rows and columns (default 256)")
+    s.add_argument(
+        "--orientation", default="axial", help="axial, sagittal or coronal (default axial)"
+    )
+    s.add_argument("--lesions", type=int, default=3, help="number of lesions (default 3)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_phantom)
 
     for name, text in DELEGATED.items():
         s = sub.add_parser(name, help=text, add_help=False)
         s.set_defaults(delegate=name)
     return p
+
+
+def _error(exc: BaseException) -> int:
+    errors = getattr(exc, "errors", ())
+    if isinstance(exc, DicomNodeError) and len(errors) > 1:
+        head = str(exc).splitlines()[0]
+        print(f"error: {head}", file=sys.stderr)
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+    else:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {text}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,14 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _delegate(argv[0], argv[1:])
         except DicomNodeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _error(exc)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except DicomNodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except KeyError as exc:  # an id the stores do not know
+        return _error(CommandError(str(exc.args[0]) if exc.args else "not found"))
+    except OSError as exc:  # a file or folder that cannot be read or written
+        return _error(CommandError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")))
 
 
 if __name__ == "__main__":

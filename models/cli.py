@@ -164,6 +164,22 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def synthetic_main(argv: Sequence[str] | None = None) -> int:
     """``dicomnode synth``: write synthetic CT series with SEG labels (no TensorFlow)."""
-    from dicomnode.models.synthetic import main
+    parser = argparse.ArgumentParser(
+        prog="dicomnode synth",
+        description="Write synthetic CT series with DICOM SEG lesion labels for training.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--cases", type=int, default=48, help="number of cases (default 48)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--negative-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of cases without lesions (default 0.2)",
+    )
+    args = parser.parse_args(argv)
+    from dicomnode.models.synthetic import SyntheticConfig, write_dataset
 
-    return main(argv)
+    _logging()
+    write_dataset(args.out, args.cases, args.seed, SyntheticConfig(args.negative_fraction))
+    return 0

@@ -1,19 +1,42 @@
-"""Batch conversion: a folder tree of DICOM in, SEG + SR per study out.
+"""Batch conversion: a folder tree of DICOM in, SEG + SR per study out, and a manifest.
 
 Uses the node's own routing and :class:`~dicomnode.app.processor.Processor`, so results are
-the same objects the node would send.  A study is done when its ``result.json`` exists;
-a second run skips it (resume).  Non-DICOM files are skipped with a warning.
+the same objects the node would send.  Results go to ``OUT/<study>/`` (names from
+:mod:`dicomnode.outputs.layout`); ``OUT/manifest.json`` and ``OUT/manifest.csv`` map each
+input folder to its study, output files (with their SHA-256), findings and priority.
+
+Resume: a study the manifest lists as done is skipped when each of its output files is
+present and unchanged (same hash); otherwise it is done again.  The manifest is written
+after every study, so an interrupted run resumes where it stopped.  A missing input folder
+is an error; non-DICOM files are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from dicomnode.app.processor import Processor
 from dicomnode.config import Config
@@ -25,76 +48,228 @@ from dicomnode.routing.select import match_routes, scan_folder, series_infos
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+MANIFEST_JSON = "manifest.json"
+MANIFEST_CSV = "manifest.csv"
+CSV_COLUMNS = (
+    "input_folder",
+    "study_instance_uid",
+    "state",
+    "route",
+    "series_instance_uid",
+    "segmentation",
+    "report",
+    "findings",
+    "classifications",
+    "priority",
+    "error",
+)
+
+
+class BatchError(DicomNodeError):
+    """The batch cannot run (its input folder is missing)."""
 
 
 @dataclass
 class BatchSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: Studies done again: an output file was missing or changed since the last run.
+    redone: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    manifest_json: Path = Path()
+    manifest_csv: Path = Path()
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
 
-def _progress(stream: TextIO, done: int, total: int, label: str) -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:40]:<40}")
-    stream.flush()
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _input_folder(paths: Iterable[Path], root: Path) -> str:
+    """The study's folder relative to the input root (the deepest folder holding it all)."""
+    common = os.path.commonpath([str(p.parent) for p in paths])
+    relative = os.path.relpath(common, root)
+    return "." if relative == "." else relative
+
+
+def _unchanged(entry: dict[str, Any], output_dir: Path) -> bool:
+    """Every output file of a done study is present with the hash the manifest recorded."""
+    for output in entry.get("outputs", []):
+        path = output_dir / output["file"]
+        if not path.is_file() or sha256_of(path) != output["sha256"]:
+            return False
+    return entry.get("state") == "done" and bool(entry.get("outputs"))
+
+
+class _RateColumn(ProgressColumn):
+    """Studies per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} studies/s" if speed else "- studies/s")
+
+
+def _progress(stream: TextIO, input_dir: Path, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{input_dir}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[study]}"),
+        console=Console(file=stream, width=None if stream.isatty() else 200),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _process_study(
+    config: Config,
+    processor: Processor,
+    study_uid: str,
+    series: dict[str, list[Path]],
+    study_out: Path,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Route and process one study; the manifest entry (without its input folder)."""
+    infos = series_infos((uid, p) for uid, paths in series.items() for p in paths)
+    matches = match_routes(config.routes, infos)
+    if not matches:
+        log.info("study %s: no route matched; ignored", study_uid)
+        return {"state": "ignored", "outputs": [], "results": []}
+    results, outputs = [], []
+    for m in matches:
+        for series_uid in m.series_uids:
+            out = processor.process_series(
+                series[series_uid],
+                m.pipeline,
+                result_files(study_out, series_uid, m.route),
+                uid_seed=f"batch/{study_uid}/{m.route}/{series_uid}",
+            )
+            results.append(
+                {
+                    "route": m.route,
+                    **out.summary,
+                    "seg": out.segmentation.name if out.segmentation else None,
+                    "sr": out.report.name,
+                }
+            )
+            outputs += [
+                {"file": p.relative_to(output_dir).as_posix(), "sha256": sha256_of(p)}
+                for p in out.files
+            ]
+    document = json.dumps({"results": results}, indent=2).encode()
+    write_bytes_atomically(study_out / RESULT_FILE, document)
+    return {"state": "done", "outputs": outputs, "results": results}
+
+
+def _csv_rows(studies: dict[str, dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    for uid, entry in studies.items():
+        base = {
+            "input_folder": entry.get("input_folder", ""),
+            "study_instance_uid": uid,
+            "state": entry.get("state", ""),
+            "error": entry.get("error", ""),
+        }
+        if not entry.get("results"):
+            yield base
+        for r in entry.get("results", []):
+            yield {
+                **base,
+                "route": r.get("route", ""),
+                "series_instance_uid": r.get("series", ""),
+                "segmentation": r.get("seg") or "",
+                "report": r.get("sr") or "",
+                "findings": len(r.get("findings", [])),
+                "classifications": "; ".join(
+                    f"{c['label']} {c['probability']:.3f}" for c in r.get("classifications", [])
+                ),
+                "priority": r.get("priority") or "",
+            }
+
+
+def write_manifest(output_dir: Path, studies: dict[str, dict[str, Any]]) -> tuple[Path, Path]:
+    """``manifest.json`` (the resume record) and ``manifest.csv`` (one row per result)."""
+    as_json = output_dir / MANIFEST_JSON
+    write_bytes_atomically(as_json, json.dumps({"studies": studies}, indent=2).encode())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_csv_rows(studies))
+    as_csv = output_dir / MANIFEST_CSV
+    write_bytes_atomically(as_csv, buffer.getvalue().encode())
+    return as_json, as_csv
+
+
+def _read_manifest(output_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        studies = json.loads((output_dir / MANIFEST_JSON).read_text())["studies"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+    return studies if isinstance(studies, dict) else {}
 
 
 def run_batch(
-    config: Config, input_dir: Path, output_dir: Path, stream: TextIO = sys.stderr
+    config: Config,
+    input_dir: Path,
+    output_dir: Path,
+    stream: TextIO = sys.stderr,
+    *,
+    progress: bool = True,
 ) -> BatchSummary:
+    if not input_dir.is_dir():
+        raise BatchError(f"input folder {input_dir} does not exist or is not a folder")
     started = time.perf_counter()
     studies = scan_folder(input_dir)
     processor = Processor(config)
     summary = BatchSummary()
     output_dir.mkdir(parents=True, exist_ok=True)
-    for n, (study_uid, series) in enumerate(sorted(studies.items()), start=1):
-        _progress(stream, n - 1, len(studies), study_uid[-24:])
-        study_out = output_dir / study_uid
-        if (study_out / RESULT_FILE).is_file():
-            summary.skipped.append(study_uid)
-            continue
-        try:
-            infos = series_infos((uid, p) for uid, paths in series.items() for p in paths)
-            matches = match_routes(config.routes, infos)
-            if not matches:
-                summary.ignored.append(study_uid)
-                log.info("study %s: no route matched", study_uid)
+    manifest = _read_manifest(output_dir)
+    with _progress(stream, input_dir, progress) as bar:
+        task = bar.add_task("studies", total=len(studies), study="")
+        for study_uid, series in sorted(studies.items()):
+            folder = _input_folder((p for paths in series.values() for p in paths), input_dir)
+            bar.update(task, study=folder)
+            earlier = manifest.get(study_uid)
+            if earlier is not None and _unchanged(earlier, output_dir):
+                summary.skipped.append(study_uid)
+                bar.advance(task)
                 continue
-            results = []
-            for m in matches:
-                for series_uid in m.series_uids:
-                    out = processor.process_series(
-                        series[series_uid],
-                        m.pipeline,
-                        result_files(study_out, series_uid, m.route),
-                        uid_seed=f"batch/{study_uid}/{m.route}/{series_uid}",
+            try:
+                entry = _process_study(
+                    config, processor, study_uid, series, output_dir / study_uid, output_dir
+                )
+            except DicomNodeError as exc:
+                entry = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                log.error("study %s (%s) failed: %s", study_uid, folder, exc)
+            except Exception as exc:  # one broken study must not stop the batch
+                entry = {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
+                log.exception("study %s (%s) crashed", study_uid, folder)
+            if entry["state"] == "done":
+                if earlier is not None and earlier.get("state") == "done":
+                    summary.redone.append(study_uid)
+                    log.warning(
+                        "study %s (%s): outputs missing or changed; redone", study_uid, folder
                     )
-                    results.append(
-                        {
-                            "route": m.route,
-                            **out.summary,
-                            "seg": out.segmentation.name if out.segmentation else None,
-                            "sr": out.report.name,
-                        }
-                    )
-            document = json.dumps({"results": results}, indent=2).encode()
-            write_bytes_atomically(study_out / RESULT_FILE, document)
-            summary.done.append(study_uid)
-        except DicomNodeError as exc:
-            summary.failed[study_uid] = f"{type(exc).__name__}: {exc}"
-            log.error("study %s failed: %s", study_uid, exc)
-        except Exception as exc:  # one broken study must not stop the batch
-            summary.failed[study_uid] = f"unexpected {type(exc).__name__}: {exc}"
-            log.exception("study %s crashed", study_uid)
-    _progress(stream, len(studies), len(studies), "finished")
-    stream.write("\n")
+                else:
+                    summary.done.append(study_uid)
+            elif entry["state"] == "ignored":
+                summary.ignored.append(study_uid)
+            else:
+                summary.failed[study_uid] = entry["error"]
+            manifest[study_uid] = {"input_folder": folder, **entry}
+            summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
+            bar.advance(task)
+    summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -6,6 +6,10 @@ accepting associations, lets in-flight stores finish, lets workers finish the jo
 and leaves queued work in the index for the next start.  Workers run in their own
 processes (``workers`` >= 1) so a slow model never blocks receiving; ``workers = 0`` runs
 one worker thread in-process (tests, small installs).
+
+Metrics (:class:`~dicomnode.app.metrics.NodeMetrics`) belong to the node: the SCP and the
+deliverer report to it, and each worker process sends its job phases over its own pipe,
+read by the node's ``metrics`` thread (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from prometheus_client import CollectorRegistry
-
+from dicomnode.app.logformat import LogFormat
+from dicomnode.app.metrics import NodeMetrics
 from dicomnode.app.preflight import preflight
 from dicomnode.app.worker import run_jobs, worker_main
 from dicomnode.audit import AuditLog
@@ -62,8 +67,10 @@ def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
 
 
 class Node:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_format: LogFormat = "text") -> None:
         self.config = config
+        self.log_format = log_format
+        self.metrics = NodeMetrics()
         self.preflight = preflight(config)  # before anything is created or bound
         for warning in self.preflight.warnings:
             log.warning("%s", warning)
@@ -87,6 +94,10 @@ class Node:
             self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
         )
         self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
+        self.scp.observer = self.metrics
+        self.scp.completes_after_s = config.completeness.quiet_period_s
+        self.deliverer.observer = self.metrics
+        self._metric_pipes: dict[int, Connection] = {}
         self.http: HttpServer | None = None
         self._last_purge = 0.0
         self._stop = threading.Event()
@@ -123,6 +134,11 @@ class Node:
             self._spawn_thread(self._work_in_thread, "worker")
         for i in range(self.config.node.workers):
             self._workers.append(self._start_worker(i))
+        if self._workers:
+            self._spawn_thread(self._drain_metrics, "metrics")
+
+    def _drain_metrics(self) -> None:
+        self.metrics.drain(lambda: list(self._metric_pipes.values()), self._stop)
 
     def recover(self) -> tuple[int, int]:
         """After a crash, in one transaction: running jobs go back to the queue, outbox
@@ -165,7 +181,7 @@ class Node:
             self.outbox,
             self.audit,
             self.readiness,
-            CollectorRegistry(),
+            self.metrics.registry,
         )
         http = self.config.http
         server = HttpServer(create_app(ctx, page_routes(ctx)), http.bind_address, http.port)
@@ -173,16 +189,20 @@ class Node:
         return server
 
     def _work_in_thread(self) -> None:
-        run_jobs(self.config, self._stop)
+        run_jobs(self.config, self._stop, self.metrics)
 
     def _start_worker(self, number: int) -> BaseProcess:
-        p = mp.get_context("spawn").Process(
+        context = mp.get_context("spawn")
+        reader, writer = context.Pipe(duplex=False)
+        p = context.Process(
             target=worker_main,
-            args=(self.config, self.config.node.log_level, os.getpid()),
+            args=(self.config, self.config.node.log_level, os.getpid(), writer, self.log_format),
             name=f"dicomnode-worker-{number}",
             daemon=False,
         )
         p.start()
+        writer.close()  # the worker holds the sending end: its death ends the pipe
+        self._metric_pipes[number] = reader
         return p
 
     def _check_workers(self) -> None:

@@ -13,21 +13,33 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from types import FrameType
+from typing import Any
 
-from dicomnode.app.processor import JobOutcome, Processor
+from dicomnode.app.logformat import LogFormat, configure_logging
+from dicomnode.app.metrics import JobObserver, NullJobObserver, PipeJobObserver, runners_of
+from dicomnode.app.processor import JobOutcome, Processor, SeriesOutput
 from dicomnode.audit import AuditLog
 from dicomnode.config import Config
 from dicomnode.db import Database
 from dicomnode.delivery.deliverer import resolve_destinations
 from dicomnode.delivery.store import Outbox
 from dicomnode.errors import DicomNodeError
+from dicomnode.imaging.volume import Volume
 from dicomnode.jobs.store import FAILED, Job, JobStore
+from dicomnode.outputs.layout import ResultFiles
+from dicomnode.pipelines.base import Pipeline
+from dicomnode.pipelines.results import PipelineResult
 from dicomnode.spool.index import Index
 
 log = logging.getLogger(__name__)
+
+#: A worker process's plain log line.
+WORKER_FORMAT = "%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s"
 
 #: Runs a job for the given destination names.
 ProcessFn = Callable[[Job, list[str]], JobOutcome]
@@ -83,14 +95,16 @@ def run_one(ctx: WorkerContext, process: ProcessFn) -> Job | None:
         outcome = process(job, ctx.destinations(job))
     except DicomNodeError as exc:
         error = f"{type(exc).__name__}: {exc}"
-        state = ctx.jobs.fail(job.id, error, transient=exc.transient)
+        state = ctx.outbox.job_failed(job.id, error, transient=exc.transient)
         (log.error if state == FAILED else log.warning)("job %d: %s -> %s", job.id, exc, state)
         ctx.audit.record("job", job_id=job.id, state=str(state), error=error[:300])
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise  # the process is being stopped: recovery re-queues the job at next start
     except BaseException as exc:  # e.g. a native decoder's panic (pyo3 PanicException)
         log.exception("job %d crashed", job.id)
-        state = ctx.jobs.fail(job.id, f"unexpected {type(exc).__name__}: {exc}", transient=True)
+        state = ctx.outbox.job_failed(
+            job.id, f"unexpected {type(exc).__name__}: {exc}", transient=True
+        )
         log.warning("job %d -> %s", job.id, state)
         ctx.audit.record("job", job_id=job.id, state=str(state), error=type(exc).__name__)
     else:
@@ -143,15 +157,18 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def worker_main(config: Config, log_level: str, parent: int) -> None:
-    """Entry point of a worker process: run jobs until SIGTERM, finishing the current one."""
+def worker_main(
+    config: Config,
+    log_level: str,
+    parent: int,
+    metrics: Connection | None = None,
+    log_format: LogFormat = "text",
+) -> None:
+    """Entry point of a worker process: run jobs until SIGTERM, finishing the current one.
+
+    ``metrics`` is the sending end of the pipe the node reads job phases from."""
     _die_with_parent(parent)
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
-    )
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
+    configure_logging(log_level, log_format, WORKER_FORMAT)
     stop = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -159,11 +176,84 @@ def worker_main(config: Config, log_level: str, parent: int) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    run_jobs(config, stop)
+    run_jobs(config, stop, PipeJobObserver(metrics) if metrics is not None else None)
 
 
-def run_jobs(config: Config, stop: threading.Event) -> None:
+class _TimedPipeline:
+    """A pipeline whose ``run`` (the inference phase) is timed."""
+
+    def __init__(self, inner: Pipeline, marks: dict[str, float]) -> None:
+        self.inner = inner
+        self.marks = marks
+
+    @property
+    def algorithm(self) -> Any:
+        return self.inner.algorithm
+
+    def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
+        self.marks["run"] = time.monotonic()
+        try:
+            return self.inner.run(volume, uid_seed)
+        finally:
+            self.marks["ran"] = time.monotonic()
+
+
+class TimedProcessor(Processor):
+    """The study processor, telling ``observer`` each series' phases: load (selection and
+    volume), inference (the pipeline's run) and encoding (SEG, SR and their files), and
+    the execution provider each model runs on."""
+
+    def __init__(self, config: Config, observer: JobObserver) -> None:
+        super().__init__(config)
+        self.observer = observer
+        self.marks: dict[str, float] = {}
+        #: Seconds per phase since the last :meth:`take_phases`.
+        self.phases: dict[str, float] = {}
+
+    def pipeline(self, name: str) -> Pipeline:
+        inner = super().pipeline(name)
+        for runner in runners_of(inner):
+            self.observer.provider(name, runner.card.name, runner.choice.active[0])
+        return _TimedPipeline(inner, self.marks)
+
+    def process_series(
+        self, paths: Any, pipeline: str, files: ResultFiles, uid_seed: str, **kwargs: Any
+    ) -> SeriesOutput:
+        self.marks.clear()
+        started = time.monotonic()
+        output = super().process_series(paths, pipeline, files, uid_seed, **kwargs)
+        ended = time.monotonic()
+        run, ran = self.marks.get("run", started), self.marks.get("ran", started)
+        for phase, seconds in (
+            ("load", run - started),
+            ("inference", ran - run),
+            ("encoding", ended - ran),
+        ):
+            self.observer.phase(pipeline, phase, seconds)
+            self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+        return output
+
+    def take_phases(self) -> str:
+        """``load 0.4 s, inference 2.1 s, encoding 0.3 s`` of the series since last asked."""
+        text = ", ".join(f"{p} {s:.1f} s" for p, s in self.phases.items())
+        self.phases = {}
+        return text
+
+
+def run_jobs(config: Config, stop: threading.Event, observer: JobObserver | None = None) -> None:
     """Open the stores and a study processor, and run jobs until ``stop`` is set."""
     ctx = WorkerContext.open(config)
-    processor = Processor(config)
-    work(ctx, lambda job, names: processor.process_job(job, names, ctx.index, ctx.jobs), stop)
+    processor = TimedProcessor(config, observer or NullJobObserver())
+
+    def process(job: Job, names: list[str]) -> JobOutcome:
+        started = time.monotonic()
+        outcome = processor.process_job(job, names, ctx.index, ctx.jobs)
+        log.info(
+            "job %d: processed in %.1f s (%s)",
+            job.id,
+            time.monotonic() - started,
+            processor.take_phases() or "no series",
+        )
+        return outcome
+
+    work(ctx, process, stop)

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from typing import Protocol
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import SENDER, Config, Hl7Destination
 from dicomnode.delivery.hl7 import Acknowledgement, send_messages
-from dicomnode.delivery.store import Outbox, OutboxItem
+from dicomnode.delivery.store import Outbox, OutboxItem, OutboxState
 from dicomnode.errors import ConfigError, DeliveryError
 from dicomnode.fsutil import copy_atomically
 from dicomnode.net import status
@@ -29,6 +33,17 @@ from dicomnode.net.tls import client_context
 from dicomnode.outputs.layout import job_folder
 
 log = logging.getLogger(__name__)
+
+
+class DeliveryObserver(Protocol):
+    """Told of every delivery attempt and failure, and of the seconds a job's files took
+    (the node's metrics: ``phase(pipeline, "delivery", seconds)``)."""
+
+    def attempt(self, destination: str, files: int) -> None: ...
+
+    def failure(self, destination: str, files: int, *, transient: bool) -> None: ...
+
+    def phase(self, pipeline: str, phase: str, seconds: float) -> None: ...
 
 
 def resolve_destinations(config: Config, destinations: Sequence[str], sender_ae: str) -> list[str]:
@@ -51,6 +66,12 @@ def resolve_destinations(config: Config, destinations: Sequence[str], sender_ae:
 
 
 class Deliverer:
+    """Delivers due outbox items; logs one line per attempt (``attempt n of N``, the
+    next try's local time, or that the item was dead-lettered)."""
+
+    #: Told of attempts, failures and delivery durations (the node's metrics).
+    observer: DeliveryObserver | None = None
+
     def __init__(
         self, config: Config, outbox: Outbox, max_parallel: int = 4, audit: AuditLog | None = None
     ) -> None:
@@ -88,9 +109,68 @@ class Deliverer:
         try:
             items = self.outbox.take_due(destination)
             if items:
+                if self.observer is not None:
+                    self.observer.attempt(destination, len(items))
+                started = time.monotonic()
                 self.deliver(destination, items)
+                self._observe_delivery(items, time.monotonic() - started)
         except Exception:
             log.exception("delivery to %s crashed; items stay in the outbox", destination)
+
+    def _observe_delivery(self, items: list[OutboxItem], seconds: float) -> None:
+        """The delivery phase of each job of a batch (its share of the batch's seconds)."""
+        if self.observer is None:
+            return
+        for job_id, files in Counter(item.job_id for item in items).items():
+            try:
+                route_name = self.outbox.jobs.get(job_id).route
+            except KeyError:
+                continue
+            route = next((r for r in self.config.routes if r.name == route_name), None)
+            pipeline = route.pipeline if route is not None else "unknown"
+            self.observer.phase(pipeline, "delivery", seconds * files / len(items))
+
+    def _failed(
+        self,
+        destination: str,
+        items: list[OutboxItem],
+        error: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+    ) -> None:
+        """Record a failed attempt of ``items`` (back-off or dead-letter); one log line."""
+        if not items:
+            return
+        states = {
+            self.outbox.delivery_failed(item.id, error, transient=transient, status=status)
+            for item in items
+        }
+        attempt, limit = items[0].attempts + 1, self.outbox.retry.max_attempts
+        jobs = ", ".join(str(j) for j in sorted({i.job_id for i in items}))
+        what = f"job {jobs}: delivery of {len(items)} file(s) to {destination} failed"
+        if OutboxState.PENDING in states:
+            due = datetime.fromtimestamp(time.time() + self.outbox.retry.delay(attempt))
+            log.warning(
+                "%s (attempt %d of %d): %s; next try at %s",
+                what,
+                attempt,
+                limit,
+                error,
+                due.strftime("%H:%M:%S"),
+            )
+        else:
+            log.error(
+                "%s (attempt %d of %d): %s; %s, not retried (`dicomnode jobs retry %s`)",
+                what,
+                attempt,
+                limit,
+                error,
+                "gave up" if transient else "permanent",
+                jobs.replace(",", ""),
+            )
+        if self.observer is not None:
+            self.observer.failure(destination, len(items), transient=transient)
 
     def deliver(self, destination: str, items: list[OutboxItem]) -> None:
         hl7_destination = self.config.hl7_by_name(destination)
@@ -111,21 +191,18 @@ class Deliverer:
                         file=item.path.name,
                     )
                 except OSError as exc:
-                    self.outbox.delivery_failed(item.id, f"copy failed: {exc}", transient=True)
+                    self._failed(destination, [item], f"copy failed: {exc}", transient=True)
             log.info("delivered %d file(s) to folder %s", len(items), destination)
             return
         remote = self.config.remote_by_name(destination)
         if remote is None:
-            for item in items:
-                self.outbox.delivery_failed(
-                    item.id, f"destination {destination!r} is not configured", transient=False
-                )
+            error = f"destination {destination!r} is not configured"
+            self._failed(destination, items, error, transient=False)
             return
         try:
             context = client_context(self.config.node.tls) if remote.tls else None
         except ConfigError as exc:
-            for item in items:
-                self.outbox.delivery_failed(item.id, str(exc), transient=False)
+            self._failed(destination, items, str(exc), transient=False)
             return
         peer = Peer(remote.ae_title, remote.host, remote.port, remote.timeout_s, context)
         answered: set[int] = set()
@@ -141,7 +218,6 @@ class Deliverer:
             send_files(peer, [i.path for i in items], self.config.node.ae_title, record)
         except (DeliveryError, OSError, ValueError) as exc:
             transient = exc.transient if isinstance(exc, DeliveryError) else True
-            log.warning("delivery to %s failed: %s", destination, exc)
             self.audit.record(
                 "delivery",
                 outcome="failed",
@@ -150,11 +226,18 @@ class Deliverer:
                 reason=str(exc)[:300],
                 files=len(items) - len(answered),
             )
-            for i, item in enumerate(items):
-                if i not in answered:
-                    self.outbox.delivery_failed(item.id, f"cannot send: {exc}", transient=transient)
+            failed = [item for i, item in enumerate(items) if i not in answered]
+            self._failed(destination, failed, f"cannot send: {exc}", transient=transient)
             return
-        log.info("delivered %d/%d file(s) to %s", sent, len(items), destination)
+        jobs = ", ".join(str(j) for j in sorted({i.job_id for i in items}))
+        log.info(
+            "job %s: delivered %d/%d file(s) to %s (attempt %d)",
+            jobs,
+            sent,
+            len(items),
+            destination,
+            items[0].attempts + 1,
+        )
 
     def _deliver_hl7(self, destination: Hl7Destination, items: list[OutboxItem]) -> None:
         """ORU messages over MLLP: AA done, AE back-off, AR dead-letter (delivery/hl7.py)."""
@@ -216,11 +299,12 @@ class Deliverer:
             self.outbox.delivered(item.id, result.status)
             return 1
         if result.status is None:
-            self.outbox.delivery_failed(item.id, result.error, transient=False)
+            self._failed(destination, [item], result.error, transient=False)
         else:
-            self.outbox.delivery_failed(
-                item.id,
-                f"{destination} answered 0x{result.status:04X}",
+            self._failed(
+                destination,
+                [item],
+                f"{destination} answered {status.describe(result.status)}",
                 transient=status.is_transient(result.status),
                 status=result.status,
             )

@@ -7,6 +7,7 @@ One row per (job, destination, file).  An item moves along :data:`OUTBOX_TRANSIT
                   +  -> dead    (permanent rejection, or attempts exhausted)
     dead -> pending             (operator re-send)
     sending -> pending          (crash recovery: the answer never came)
+    done -> pending             (a forced re-run of a done job sends its results again)
 
 When no item of a job is open any more, the job is told (``sending -> done | failed``)
 through :meth:`dicomnode.jobs.store.JobStore.delivery_finished`, in the same transaction.
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from dicomnode.config import RetrySettings
 from dicomnode.db import Database
-from dicomnode.jobs.store import FAILED, SENDING, JobState, JobStore
+from dicomnode.errors import DicomNodeError
+from dicomnode.jobs.store import DONE, FAILED, SENDING, JobState, JobStore
 from dicomnode.states import assignments, check_transition
 
 
@@ -38,9 +40,13 @@ class OutboxState(StrEnum):
 OUTBOX_TRANSITIONS: dict[OutboxState, frozenset[OutboxState]] = {
     OutboxState.PENDING: frozenset({OutboxState.SENDING}),
     OutboxState.SENDING: frozenset({OutboxState.DONE, OutboxState.PENDING, OutboxState.DEAD}),
-    OutboxState.DONE: frozenset(),
+    OutboxState.DONE: frozenset({OutboxState.PENDING}),
     OutboxState.DEAD: frozenset({OutboxState.PENDING}),
 }
+
+
+class RetryRefusedError(DicomNodeError):
+    """An operator retry that would do harm or nothing (a job in progress, a done job)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,13 @@ class Outbox:
                    VALUES (?, ?, ?, 'pending', ?)""",
                 [(job_id, d, self.db.relative(p), now) for d, p in outputs],
             )
+            wanted = {(d, self.db.relative(p)) for d, p in outputs}
+            for row in conn.execute(
+                "SELECT id, destination, path FROM outbox WHERE job_id = ? AND state = 'done'",
+                (job_id,),
+            ).fetchall():
+                if (row["destination"], row["path"]) in wanted:  # a forced re-run: send again
+                    self._move(conn, row["id"], OutboxState.PENDING, attempts=0, next_attempt_at=0)
             self.jobs.processed(
                 conn,
                 job_id,
@@ -114,11 +127,28 @@ class Outbox:
             )
             return self.jobs.get(job_id, conn).state
 
-    def retry_job(self, job_id: int) -> JobState:
-        """Operator retry: a failed job whose results were dead-lettered is re-sent; any
-        other failed or done job is re-run from scratch (its outbox rows dropped)."""
+    def retry_job(self, job_id: int, *, force: bool = False) -> JobState:
+        """Operator retry.  A failed job whose results were dead-lettered is re-sent; any
+        other failed job is re-run from scratch (its outbox rows dropped).
+
+        A done job is refused unless ``force``: a forced re-run keeps the rows of the
+        results it delivered (the record of what was sent; :meth:`accept_results` sends
+        them again) and, should the re-run fail, the job goes back to done with the error
+        (:meth:`job_failed`), because what it delivered still stands.  A job in progress
+        (queued, running, sending) is refused.  Raises KeyError for an unknown job."""
         with self.db.transaction() as conn:
             job = self.jobs.get(job_id, conn)
+            if job.state not in (FAILED, DONE):
+                raise RetryRefusedError(f"job {job_id} is {job.state}: it is still in progress")
+            if job.state == DONE and not force:
+                raise RetryRefusedError(
+                    f"job {job_id} is done (its results were delivered); "
+                    "--force runs it again and sends its results again"
+                )
+            if job.state == DONE:
+                self.jobs.requeue(conn, job_id)
+                conn.execute("DELETE FROM outbox WHERE job_id = ? AND state != 'done'", (job_id,))
+                return JobState.QUEUED
             dead = conn.execute(
                 "SELECT id FROM outbox WHERE job_id = ? AND state = 'dead'", (job_id,)
             ).fetchall()
@@ -130,6 +160,25 @@ class Outbox:
             self.jobs.requeue(conn, job_id)
             conn.execute("DELETE FROM outbox WHERE job_id = ?", (job_id,))
             return JobState.QUEUED
+
+    def job_failed(self, job_id: int, error: str, *, transient: bool) -> JobState:
+        """A run of a job failed: back off or dead-letter (:meth:`JobStore.fail`); but a
+        forced re-run of a done job (it still has delivered results) goes back to done,
+        its error saying why the re-run failed: the earlier results stand."""
+        job = self.jobs.get(job_id)
+        if not (transient and job.attempts < self.jobs.retry.max_attempts):
+            with self.db.transaction() as conn:
+                delivered = int(
+                    conn.execute(
+                        "SELECT COUNT(*) FROM outbox WHERE job_id = ? AND state = 'done'",
+                        (job_id,),
+                    ).fetchone()[0]
+                )
+                if delivered:
+                    note = f"re-run failed: {error}; the {delivered} file(s) delivered before stand"
+                    self.jobs.move(conn, job_id, DONE, last_error=note[:2000])
+                    return DONE
+        return self.jobs.fail(job_id, error, transient=transient)
 
     # --- delivery ----------------------------------------------------------------------
 

@@ -154,8 +154,27 @@ class Scheduler:
             jobs=created,
             note=note[:300],
         )
+        series = len({i.series_instance_uid for i in instances})
         if matches:
-            log.info("study complete (%d instances): jobs %s", count, created)
+            routed = "; ".join(
+                f"route {m.route} -> pipeline {m.pipeline} ({len(m.series_uids)} series)"
+                for m in matches
+            )
+            log.info(
+                "study %s complete: %d series, %d instances; %s; job(s) %s%s",
+                study_uid,
+                series,
+                count,
+                routed,
+                ", ".join(map(str, created)) or "none",
+                f"; unchanged: {', '.join(unchanged)}" if unchanged else "",
+            )
         else:
-            log.info("study complete (%d instances) and ignored: %s", count, note)
+            log.info(
+                "study %s complete: %d series, %d instances; ignored: %s",
+                study_uid,
+                series,
+                count,
+                note,
+            )
         return created

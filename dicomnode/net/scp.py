@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
@@ -41,9 +43,52 @@ class ReceiveCounters:
     failed: int = 0
 
 
+@dataclass
+class AssociationSummary:
+    """What one association brought, for its closing log line and the metrics."""
+
+    calling_ae: str
+    host: str
+    started: float = field(default_factory=time.monotonic)
+    outcome: str = "open"  # released, aborted, rejected
+    instances: int = 0
+    bytes: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    studies: set[str] = field(default_factory=set)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def describe(self) -> str:
+        statuses = ", ".join(f"0x{s:04X} x{n}" for s, n in sorted(self.statuses.items()))
+        return (
+            f"association from {self.calling_ae} at {self.host} {self.outcome} after "
+            f"{self.seconds:.1f} s: {self.instances} instance(s), "
+            f"{self.bytes / 1e6:.1f} MB, statuses: {statuses or 'none'}"
+        )
+
+
+class ReceiveObserver(Protocol):
+    """Told of every C-STORE answered and every association that ends (the metrics).
+
+    The SCP also logs one INFO line per association when it ends (caller, host,
+    instances, bytes, seconds, statuses)."""
+
+    def instance(self, calling_ae: str, outcome: str, size: int, status: int) -> None: ...
+
+    def association(self, summary: AssociationSummary) -> None: ...
+
+
 class StorageSCP:
     """Runs the node's listening AE: C-ECHO, C-STORE into the spool and, given a
     ``catalog``, Query/Retrieve (C-FIND, C-GET, C-MOVE to ``remotes``: :mod:`.qr`)."""
+
+    #: Told of every instance and association (the node's metrics).
+    observer: ReceiveObserver | None = None
+    #: The quiet period, named in each association's closing INFO line, so that the wait
+    #: before processing starts is not mistaken for a failed send.
+    completes_after_s: float | None = None
 
     def __init__(
         self,
@@ -65,6 +110,7 @@ class StorageSCP:
         )
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
+        self._associations: dict[int, AssociationSummary] = {}
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.ae = self._make_ae()
@@ -156,7 +202,31 @@ class StorageSCP:
     def _handle_echo(self, event: Event) -> int:
         return status.SUCCESS
 
+    def _summary(self, event: Event) -> AssociationSummary:
+        requestor = event.assoc.requestor
+        with self._lock:
+            return self._associations.setdefault(
+                id(event.assoc),
+                AssociationSummary(str(requestor.ae_title).strip(), str(requestor.address)),
+            )
+
     def _handle_store(self, event: Event) -> int:
+        code, outcome, study = self._store(event)
+        summary = self._summary(event)
+        req: Any = event.request
+        size = len(req.DataSet.getvalue()) if req.DataSet is not None else 0
+        with self._lock:
+            summary.instances += 1
+            summary.bytes += size
+            summary.statuses[code] += 1
+            if study:
+                summary.studies.add(study)
+        if self.observer is not None:
+            self.observer.instance(summary.calling_ae, outcome, size, code)
+        return code
+
+    def _store(self, event: Event) -> tuple[int, str, str]:
+        """Check and spool one instance: (status, outcome, study UID or "")."""
         requestor = event.assoc.requestor
         ae_title, host = str(requestor.ae_title).strip(), str(requestor.address)
         if not self._caller_allowed(ae_title, host):
@@ -169,7 +239,7 @@ class StorageSCP:
                 host=host,
                 reason="caller not allowed",
             )
-            return status.REFUSED_NOT_AUTHORIZED
+            return status.REFUSED_NOT_AUTHORIZED, "refused", ""
         try:
             encoded = event.encoded_dataset(include_meta=True)
             header = read_header(encoded)
@@ -191,7 +261,7 @@ class StorageSCP:
                     sop_instance_uid=header.sop_instance_uid,
                     reason="SOP class differs from the request",
                 )
-                return status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS
+                return status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", ""
             outcome = self.spool.store(
                 encoded, calling_ae=ae_title, calling_host=host, header=header
             )
@@ -208,7 +278,7 @@ class StorageSCP:
                 host=host,
                 reason=str(exc)[:300],
             )
-            return code
+            return code, "refused", ""
         with self._lock:
             if outcome is StoreOutcome.DUPLICATE:
                 self.counters.duplicates += 1
@@ -226,7 +296,7 @@ class StorageSCP:
             study_instance_uid=header.study_instance_uid,
             sop_class_uid=header.sop_class_uid,
         )
-        return status.SUCCESS
+        return status.SUCCESS, outcome.value, header.study_instance_uid
 
     def _log_open(self, event: Event) -> None:
         """Runs before the association starts: install the host check and the guards
@@ -237,20 +307,49 @@ class StorageSCP:
         address: Any = getattr(event, "address", ("?", "?"))
         log.debug("connection from %s:%s", address[0], address[1])
 
+    def _rejection_reason(self, event: Event) -> tuple[str, str]:
+        """(called AE title asked for, why the association was rejected): pynetdicom's
+        acceptor does not pass its reason on, so its checks are made again here."""
+        assoc = event.assoc
+        request: Any = assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        calling = str(assoc.requestor.ae_title).strip()
+        host = str(assoc.requestor.address)
+        own = self.settings.ae_title
+        limit = self.settings.max_associations
+        if self.settings.require_called_ae and called and called != own:
+            return called, f"called AE title {called!r} is not this node's ({own!r})"
+        if not self._caller_allowed(calling, host):
+            return called, f"calling AE title {calling!r} at {host} is not an allowed caller"
+        if len(assoc.ae.active_associations) > limit:
+            return called, f"too many associations (max_associations = {limit})"
+        return called, "refused in negotiation (user identity)"
+
     def _log_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
+        called, reason = self._rejection_reason(event)
+        with self._lock:
+            self._associations.pop(id(event.assoc), None)
+        summary = AssociationSummary(
+            str(requestor.ae_title).strip(), str(requestor.address), outcome="rejected"
+        )
         log.warning(
-            "association from %s at %s rejected",
-            str(requestor.ae_title).strip(),
-            requestor.address,
+            "association from %s at %s to %s rejected: %s",
+            summary.calling_ae,
+            summary.host,
+            called or "?",
+            reason,
         )
         self.audit.record(
             "association",
             outcome="rejected",
-            calling_ae=str(requestor.ae_title).strip(),
-            host=requestor.address,
-            called_ae=str(event.assoc.acceptor.ae_title).strip(),
+            calling_ae=summary.calling_ae,
+            host=summary.host,
+            called_ae=called,
+            reason=reason,
         )
+        if self.observer is not None:
+            self.observer.association(summary)
 
     def _log_association(self, event: Event) -> None:
         requestor = event.assoc.requestor
@@ -266,6 +365,23 @@ class StorageSCP:
             host=requestor.address,
             tls=self.settings.tls.enabled,
         )
+        if outcome == "accepted":
+            self._summary(event)
+            return
+        with self._lock:
+            summary = self._associations.pop(id(event.assoc), None)
+        if summary is None:  # ended twice (aborted after release), or never accepted
+            return
+        summary.outcome = outcome
+        line = summary.describe()
+        if summary.studies and self.completes_after_s is not None:
+            line += (
+                f"; {len(summary.studies)} study(ies) receiving, processed after "
+                f"{self.completes_after_s:g} s without new instances"
+            )
+        log.info("%s", line)
+        if self.observer is not None:
+            self.observer.association(summary)
 
 
 class FolderSCP:

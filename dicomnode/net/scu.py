@@ -2,6 +2,11 @@
 
 A warning status (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx) means the peer stored the
 file: its :class:`SendResult` is ok, and one warning line names the status and its meaning.
+
+A failed association request raises :class:`DeliveryError` saying why; pynetdicom's own
+ERROR lines for it ("Association request failed", "TCP Initialisation Error") are left out
+of the log (:class:`RequestorErrorFilter`), so a retried delivery logs one line per attempt
+(the deliverer's, with the attempt number and the next try).
 """
 
 from __future__ import annotations
@@ -24,6 +29,29 @@ from dicomnode.net import patches, status
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class RequestorErrorFilter(logging.Filter):
+    """Drops pynetdicom's ERROR lines about an association request that failed: the
+    :class:`DeliveryError` raised for it carries the reason, and its caller logs it."""
+
+    PREFIXES = (
+        "Association request failed",
+        "TCP Initialisation Error",
+        "Association Rejected",
+        "Association Aborted",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _quiet_requestor_errors() -> None:
+    """Install :class:`RequestorErrorFilter` on pynetdicom's loggers (once)."""
+    for name in ("pynetdicom.transport", "pynetdicom.acse"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RequestorErrorFilter) for f in logger.filters):
+            logger.addFilter(RequestorErrorFilter())
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,7 @@ def _contexts(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> Association:
+    _quiet_requestor_errors()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = peer.timeout_s
     ae.dimse_timeout = peer.timeout_s
@@ -86,13 +115,20 @@ def _associate(peer: Peer, calling_ae: str, contexts: dict[str, list[str]]) -> A
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
-        result = assoc.acceptor.primitive.result if assoc.acceptor.primitive else None
+        primitive = assoc.acceptor.primitive
+        result = primitive.result if primitive else None
         permanent = result == 0x01
+        why = primitive.reason_str if primitive and primitive.diagnostic else ""
         raise DeliveryError(
-            f"association rejected by {where} ({'permanent' if permanent else 'transient'})",
+            f"association rejected by {where} ({'permanent' if permanent else 'transient'}"
+            + (f": {why}" if why else "")
+            + ")",
             transient=not permanent,
         )
-    raise DeliveryError(f"cannot associate with {where} (down or aborted)", transient=True)
+    raise DeliveryError(
+        f"cannot associate with {where} (connection refused or timed out, or aborted)",
+        transient=True,
+    )
 
 
 def echo(peer: Peer, calling_ae: str) -> int:

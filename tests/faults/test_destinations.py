@@ -177,15 +177,17 @@ def test_refusing_destination_dead_letters_and_jobs_retry_resends(
 
         # And `dicomnode jobs` shows the failed job, its reason and the dead rows
         listing = jobs_cli(cli_config)
-        line = next(ln for ln in listing.splitlines() if ln.split()[:1] == [str(job.id)])
+        line = next(ln for ln in listing.splitlines() if ln.strip("│ ").startswith(f"{job.id} "))
         assert "failed" in line and f"0x{refusal:04X}" in line, listing
-        assert "'dead': 2" in listing, listing
+        assert "outbox: dead 2" in listing, listing
         shown = jobs_cli(cli_config, "show", str(job.id))
-        assert shown.count(f"dead attempts=1 status={refusal}") == 2, shown
+        rows = [ln for ln in shown.splitlines() if "│ dead" in ln]
+        assert len(rows) == 2 and all(f"0x{refusal:04X}" in r for r in rows), shown
 
         # When the PACS accepts again and the operator retries the job
         scp.status = 0x0000
-        assert f"job {job.id}: -> sending" in jobs_cli(cli_config, "retry", str(job.id))
+        retried = jobs_cli(cli_config, "retry", str(job.id))
+        assert f"job {job.id}: results will be sent again (sending)" in retried
 
         # Then the results are sent once more and the job is done
         wait_until(lambda: node.jobs.get(job.id).state == "done", 30, f"done; {_jobs(node)}")

@@ -1,0 +1,46 @@
+"""Log line formats: the plain one and a JSON one (one object per line, for collectors).
+
+Configured by the CLI (``--log-format``) and by each worker process for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Literal
+
+LogFormat = Literal["text", "json"]
+
+TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "process", "message"[, "exception"]}`` per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            + f".{int(record.msecs):03d}"
+            + time.strftime("%z", time.localtime(record.created)),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: LogFormat = "text", text: str = TEXT) -> None:
+    """Root logging to stderr in ``fmt``; pynetdicom and highdicom at WARNING or above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(quiet)
