@@ -14,6 +14,7 @@ from typing import Literal
 LogFormat = Literal["text", "json"]
 
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HANDLER_NAME = "dicomnode"
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,8 +39,12 @@ def configure_logging(level: str, fmt: LogFormat = "text", text: str = TEXT) -> 
     """Root logging to stderr in ``fmt``; pynetdicom and highdicom at WARNING or above."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only the handler installed here before: handlers others added (a test
+    # runner's capture, an embedding application's) stay.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != _HANDLER_NAME]
+    root.addHandler(handler)
     root.setLevel(level)
     quiet = max(logging.WARNING, logging.getLevelName(level))
     for name in ("pynetdicom", "highdicom"):

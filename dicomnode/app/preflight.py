@@ -4,7 +4,7 @@
 every pipeline's kind, bundle roles, cards and model hashes
 (:func:`dicomnode.pipelines.registry.check_pipeline`, no inference session opened); the
 data directory and the audit log writable (a file is written, fsynced and removed); folder
-destinations creatable and writable; remote hosts resolvable.  Every problem is reported
+destinations creatable and writable; remote and HL7 hosts resolvable.  Every problem is reported
 at once; warnings (a data directory already below its free-space watermark) are returned.
 """
 
@@ -62,13 +62,13 @@ def preflight(config: Config, *, resolve_hosts: bool = True) -> PreflightReport:
         if problem:
             errors.append(problem)
     if resolve_hosts:
-        for remote in config.remotes:
+        peers = [("remote", r.name, r.host, r.port) for r in config.remotes]
+        peers += [("HL7 destination", h.name, h.host, h.port) for h in config.hl7]
+        for kind, name, host, port in peers:
             try:
-                socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
-                errors.append(
-                    f"remote {remote.name!r}: host {remote.host!r} does not resolve: {exc}"
-                )
+                errors.append(f"{kind} {name!r}: host {host!r} does not resolve: {exc}")
     if not errors and node.data_dir.is_dir():
         free = shutil.disk_usage(node.data_dir).free
         if free < node.min_free_disk_mb * 2**20:

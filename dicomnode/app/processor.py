@@ -22,7 +22,13 @@ from dicomnode.errors import DicomNodeError, ImagingError
 from dicomnode.fsutil import remove_partial_files, write_atomically, write_bytes_atomically
 from dicomnode.imaging.series import load_stack, select_stack, source_datasets
 from dicomnode.jobs.store import Job, JobStore
-from dicomnode.outputs.layout import ResultFiles, job_folder, result_files, results_root
+from dicomnode.outputs.layout import (
+    ResultFiles,
+    job_folder,
+    notification_file,
+    result_files,
+    results_root,
+)
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.pipelines.base import Pipeline
@@ -234,7 +240,7 @@ class Processor:
         message = build_oru(
             header, series, priority, f"DN{job.id}", application=self.config.node.ae_title
         )
-        path = folder / f"{job.route}-oru.hl7"
+        path = notification_file(folder, job.route)
         write_bytes_atomically(path, encode(message))
         return path
 

@@ -27,6 +27,7 @@ from dicomnode.config import RetrySettings
 from dicomnode.db import Database
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.store import DONE, FAILED, SENDING, JobState, JobStore
+from dicomnode.outputs.layout import NOTIFICATION_SUFFIX
 from dicomnode.states import assignments, check_transition
 
 
@@ -182,21 +183,35 @@ class Outbox:
 
     # --- delivery ----------------------------------------------------------------------
 
+    #: A due item: pending, its back-off over, and, for a notification (the ORU that
+    #: references the SR), no result file of its job still waiting for its answer.
+    _DUE = (
+        "o.state = 'pending' AND o.next_attempt_at <= ? AND NOT (o.path LIKE ? AND EXISTS ("
+        "SELECT 1 FROM outbox r WHERE r.job_id = o.job_id AND r.path NOT LIKE ? "
+        "AND r.state IN ('pending', 'sending')))"
+    )
+
+    def _due_args(self) -> tuple[float, str, str]:
+        pattern = f"%{NOTIFICATION_SUFFIX}"
+        return (time.time(), pattern, pattern)
+
     def due_destinations(self) -> list[str]:
         rows = self.db.connect().execute(
-            "SELECT DISTINCT destination FROM outbox WHERE state = 'pending' "
-            "AND next_attempt_at <= ?",
-            (time.time(),),
+            f"SELECT DISTINCT o.destination FROM outbox o WHERE {self._DUE}", self._due_args()
         )
         return [r[0] for r in rows]
 
     def take_due(self, destination: str, limit: int = 64) -> list[OutboxItem]:
-        """Mark up to ``limit`` due items of one destination as sending and return them."""
+        """Mark up to ``limit`` due items of one destination as sending and return them.
+
+        A job's notification (HL7 ORU) is due only once every result file of the job has
+        been answered (delivered or dead-lettered): the RIS never hears of an SR the PACS
+        does not hold yet."""
         with self.db.transaction() as conn:
             rows = conn.execute(
-                "SELECT * FROM outbox WHERE state = 'pending' AND destination = ? "
-                "AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (destination, time.time(), limit),
+                f"SELECT o.* FROM outbox o WHERE {self._DUE} AND o.destination = ? "
+                "ORDER BY o.id LIMIT ?",
+                (*self._due_args(), destination, limit),
             ).fetchall()
             for r in rows:
                 self._move(conn, r["id"], OutboxState.SENDING, attempts=r["attempts"] + 1)

@@ -35,3 +35,12 @@ def results_root(data_dir: Path) -> Path:
 def result_files(folder: Path, series_uid: str, route: str) -> ResultFiles:
     stem = f"{series_uid}-{route}"
     return ResultFiles(folder / f"{stem}-seg.dcm", folder / f"{stem}-sr.dcm")
+
+
+#: Notifications about a job's results (the HL7 ORU): sent once the results are answered.
+NOTIFICATION_SUFFIX = ".hl7"
+
+
+def notification_file(folder: Path, route: str) -> Path:
+    """``<folder>/<route>-oru.hl7``: the job's result message for the RIS."""
+    return folder / f"{route}-oru{NOTIFICATION_SUFFIX}"

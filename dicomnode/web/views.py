@@ -25,6 +25,8 @@ from dicomnode.spool.index import InstanceRecord, StudyRecord, StudyState
 #: Priority names by rank; a job without a priority is routine.
 PRIORITY_NAMES = {0: "routine", 1: "high", 2: "stat"}
 PRIORITY_RANKS = {name: rank for rank, name in PRIORITY_NAMES.items()}
+#: Triage priorities of the results on the same scale (urgent findings rank with STAT).
+TRIAGE_RANKS = {"routine": 0, "review": 1, "urgent": 2}
 HEADER_TAGS = [
     "PatientName",
     "PatientID",
@@ -208,8 +210,11 @@ class StudyRow:
     deliveries: list[DeliveryState] = field(default_factory=list)
 
     @property
-    def sort_key(self) -> tuple[int, float]:
-        return (-priority_rank(self.priority), -self.study.first_received_at)
+    def sort_key(self) -> tuple[int, int, float]:
+        """The most pressing first: a STAT request or an urgent AI finding (then HIGH or
+        review), the other of the two next, then the newest."""
+        ranks = (priority_rank(self.priority), TRIAGE_RANKS.get(self.triage, 0))
+        return (-max(ranks), -min(ranks), -self.study.first_received_at)
 
 
 def study_priority(jobs: list[Job]) -> str:

@@ -107,3 +107,16 @@ def test_every_problem_is_reported_at_once(
     assert "[node].data_dir" in err and "folder destination 'archive'" in err
     assert "remote 'pacs': host 'no-such-host.invalid' does not resolve" in err
     assert "is a classification model" in err
+
+
+def test_an_hl7_destination_whose_host_does_not_resolve_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path)
+    config.write_text(
+        config.read_text() + '\n[[hl7]]\nname = "ris"\nhost = "no-such-ris.invalid"\nport = 2575\n'
+    )
+    assert main(["check-config", str(config)]) == 2
+    assert "HL7 destination 'ris': host 'no-such-ris.invalid' does not resolve" in (
+        capsys.readouterr().err
+    )

@@ -41,6 +41,7 @@ from dicomnode.jobs.store import JobStore
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.outputs.sr import PRIORITY, PRIORITY_CODES
+from dicomnode.outputs.validate import run_dciodvfy
 from dicomnode.synthetic.phantom import Phantom
 
 
@@ -321,6 +322,9 @@ def test_a_study_through_the_node_gets_triaged_and_reported_to_the_ris(
     assert json.loads(job.summary)["priority"] == job.triage_priority
     report = hd.sr.srread(sr_path)
     assert _sr_priority(report) == job.triage_priority
+    assert run_dciodvfy(sr_path).errors == []
+    # And the RIS heard of the results only after the PACS had acknowledged them
+    assert ris.acked_at[0] >= pacs_acked - 0.5
     (message,) = ris.received
     assert message["PID.3.1.1"] == phantom.datasets[0].PatientID
     assert message["OBR.3"] == phantom.datasets[0].AccessionNumber

@@ -157,3 +157,23 @@ def test_a_base_exception_from_a_native_library_does_not_end_the_worker(
     assert run_one(ctx, process) is not None
     job = s.jobs.get(job_id)
     assert job.state == QUEUED and "Panic" in job.last_error
+
+
+def test_a_notification_waits_for_the_results_it_references(s: Stores, tmp_path: Path) -> None:
+    """The ORU for the RIS goes out only once the SR it references was answered."""
+    job_id = new_job(s)
+    s.jobs.claim()
+    s.outbox.accept_results(
+        job_id, [("pacs", tmp_path / "a-sr.dcm"), ("ris", tmp_path / "ct-oru.hl7")], "{}"
+    )
+    assert s.outbox.due_destinations() == ["pacs"]
+    assert s.outbox.take_due("ris") == []
+    (result,) = s.outbox.take_due("pacs")
+    assert s.outbox.take_due("ris") == []  # still in flight
+    s.outbox.delivery_failed(result.id, "refused", transient=True)
+    assert s.outbox.take_due("ris") == []  # waiting for its retry
+    time.sleep(0.06)
+    (result,) = s.outbox.take_due("pacs")
+    s.outbox.delivered(result.id, 0)
+    (notification,) = s.outbox.take_due("ris")
+    assert notification.path.name == "ct-oru.hl7"

@@ -58,3 +58,23 @@ def test_priority_is_routine_unless_the_job_says_otherwise() -> None:
 
     assert priority_of(Prioritised("STAT")) == "stat"  # type: ignore[arg-type]
     assert study_priority([plain, Prioritised("HIGH")]) == "high"  # type: ignore[list-item]
+
+
+def test_urgent_findings_rank_with_stat_requests_on_the_worklist() -> None:
+    from dicomnode.web.views import Header, StudyRow
+
+    def row(uid: str, priority: str, triage: str, received: float) -> StudyRow:
+        record = StudyRecord(
+            uid, StudyState.COMPLETE, 1, received, received, received, "PACS", "h", "", 0, 0, ""
+        )
+        return StudyRow(record, Header(), "done", "", priority, triage, [], [])
+
+    rows = [
+        row("routine-new", "routine", "routine", 5.0),
+        row("urgent-old", "routine", "urgent", 1.0),
+        row("stat-urgent", "stat", "urgent", 2.0),
+        row("review", "routine", "review", 3.0),
+        row("stat-clear", "stat", "routine", 4.0),
+    ]
+    ordered = [r.study.study_instance_uid for r in sorted(rows, key=lambda r: r.sort_key)]
+    assert ordered == ["stat-urgent", "stat-clear", "urgent-old", "review", "routine-new"]
