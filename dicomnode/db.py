@@ -225,6 +225,19 @@ def _v5_query_attributes(conn: sqlite3.Connection, data_dir: Path) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS query_instances_source ON query_instances (source_id)")
 
 
+def _v6_first_delivery(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """Outbox items keep when they were first delivered and the status the destination
+    gave, across a forced re-run that sends them again (the record of what was sent)."""
+    columns = _columns(conn, "outbox")
+    if "delivered_at" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN delivered_at REAL")
+        conn.execute("ALTER TABLE outbox ADD COLUMN delivered_status INTEGER")
+        conn.execute(
+            "UPDATE outbox SET delivered_at = updated_at, delivered_status = status "
+            "WHERE state = 'done'"
+        )
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
@@ -232,6 +245,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v3_what_drives_processing,
     _v4_job_priorities,
     _v5_query_attributes,
+    _v6_first_delivery,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -61,6 +61,9 @@ class OutboxItem:
     next_attempt_at: float
     last_error: str
     status: int | None
+    #: When the file was first delivered and the status then (kept across re-sends).
+    delivered_at: float | None = None
+    delivered_status: int | None = None
 
 
 class Outbox:
@@ -230,6 +233,11 @@ class Outbox:
     def delivered(self, item_id: int, status: int) -> None:
         with self.db.transaction() as conn:
             job_id = self._move(conn, item_id, OutboxState.DONE, status=status, last_error="")
+            conn.execute(
+                "UPDATE outbox SET delivered_at = COALESCE(delivered_at, ?), "
+                "delivered_status = COALESCE(delivered_status, ?) WHERE id = ?",
+                (time.time(), status, item_id),
+            )
             self._settle(conn, job_id)
 
     def delivery_failed(

@@ -177,3 +177,26 @@ def test_a_notification_waits_for_the_results_it_references(s: Stores, tmp_path:
     s.outbox.delivered(result.id, 0)
     (notification,) = s.outbox.take_due("ris")
     assert notification.path.name == "ct-oru.hl7"
+
+
+def test_a_forced_rerun_keeps_the_record_of_what_was_delivered(
+    s: Stores, tmp_path: Path
+) -> None:
+    # Given a done job whose SR was delivered with status 0x0000
+    job_id = new_job(s)
+    s.jobs.claim()
+    s.outbox.accept_results(job_id, [("pacs", tmp_path / "a-sr.dcm")], "{}")
+    (item,) = s.outbox.take_due("pacs")
+    s.outbox.delivered(item.id, 0)
+    first = s.outbox.items(job_id)[0]
+    assert first.delivered_at is not None and first.delivered_status == 0
+    # When an operator forces a re-run whose re-send is refused for good
+    assert s.outbox.retry_job(job_id, force=True) == QUEUED
+    s.jobs.claim()
+    s.outbox.accept_results(job_id, [("pacs", tmp_path / "a-sr.dcm")], "{}")
+    (again,) = s.outbox.take_due("pacs")
+    s.outbox.delivery_failed(again.id, "0xA900", transient=False, status=0xA900)
+    # Then the item is dead now, and still records its first delivery
+    (after,) = s.outbox.items(job_id)
+    assert after.state == "dead" and after.status == 0xA900
+    assert (after.delivered_at, after.delivered_status) == (first.delivered_at, 0)
