@@ -46,6 +46,7 @@ from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool
 from dicomnode.uids import is_image_storage, is_own_uid
 from dicomnode.web.app import WebContext, create_app
+from dicomnode.web.dicomweb import dicomweb_routes
 from dicomnode.web.pages import page_routes
 from dicomnode.web.server import HttpServer
 
@@ -182,9 +183,12 @@ class Node:
             self.audit,
             self.readiness,
             self.metrics.registry,
+            catalog=self.catalog,
+            spool=self.spool,
         )
         http = self.config.http
-        server = HttpServer(create_app(ctx, page_routes(ctx)), http.bind_address, http.port)
+        routes = [*dicomweb_routes(ctx), *page_routes(ctx)]
+        server = HttpServer(create_app(ctx, routes), http.bind_address, http.port)
         server.start()
         return server
 

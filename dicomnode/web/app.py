@@ -29,6 +29,8 @@ from dicomnode.config import Config
 from dicomnode.delivery.store import Outbox
 from dicomnode.jobs.store import JobState, JobStore
 from dicomnode.spool.index import Index
+from dicomnode.spool.query import Catalog
+from dicomnode.spool.store import Spool
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
 TOKEN_COOKIE = "dicomnode_token"
@@ -47,6 +49,10 @@ class WebContext:
     readiness: Callable[[], list[str]]
     #: Process-local metrics (counters of the SCP, ...) to expose beside the database ones.
     registry: CollectorRegistry
+    #: What QIDO-RS and WADO-RS search (the C-FIND catalog); None: DICOMweb answers 503.
+    catalog: Catalog | None = None
+    #: Where STOW-RS stores, by the receive rules; None: STOW-RS answers 503.
+    spool: Spool | None = None
 
 
 class _StoreCollector(Collector):

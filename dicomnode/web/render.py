@@ -273,3 +273,33 @@ def _annotate(
         x0, y0 = 10, h - 14
         draw.rectangle((x0, y0, x0 + length, y0 + 4), fill=(255, 255, 255), outline=(0, 0, 0))
         _text(draw, (x0, y0 - 20), f"{mm} mm", font)
+
+
+#: Media types of rendered frames (WADO-RS, PS3.18 8.3.5.1) and their Pillow formats.
+RENDERED_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
+
+
+def render_frame(path: Path, frame: int, media_type: str = "image/png") -> bytes:
+    """One frame of an image as PNG or JPEG: greyscale images through their modality LUT
+    and first window (else :data:`DEFAULT_WINDOW`), colour images as they are.
+
+    ``frame`` is 1-based; raises :class:`IndexError` for a frame the image does not have
+    and :class:`ValueError` for an object without pixels."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("the instance has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= frame <= frames:
+        raise IndexError(f"frame {frame} is out of range (the instance has {frames})")
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        pixels = np.asarray(ds.pixel_array)
+        rgb = pixels[frame - 1] if frames > 1 else pixels
+        image = Image.fromarray(np.asarray(rgb, dtype=np.uint8), "RGB")
+    else:
+        grey = _grey(_hounsfield(ds, frame), window_of(ds))
+        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            grey = 255 - grey
+        image = Image.fromarray(grey, "L")
+    out = io.BytesIO()
+    image.save(out, format=RENDERED_FORMATS[media_type])
+    return out.getvalue()
