@@ -20,5 +20,8 @@ def test_demo_returns_results_that_match_the_ground_truth(tmp_path: Path) -> Non
     assert dice > 0.9
     assert "MISSED" not in text
     assert "classification: lesion" in text
+    assert "triage priority: urgent" in text  # lesions of 10 mm and more
+    assert "QIDO-RS GET" in text and "SEG " in text
+    assert "[COMPLETED]" in text or "[IN PROGRESS]" in text  # the SR's answer may be in flight
     assert (tmp_path / "preview.png").stat().st_size > 1000
     assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 2

@@ -224,6 +224,37 @@ def run_demo(
         pacs.stop()
 
 
+def _show_qido(node: Node, study_uid: str, out: TextIO) -> None:
+    """What a web viewer sees: the study's series by QIDO-RS on the node's HTTP port."""
+    import json
+    import urllib.request
+
+    if node.http is None:
+        return
+    url = (
+        f"http://127.0.0.1:{node.http.port}/dicomweb/studies/{study_uid}/series"
+        "?includefield=SeriesDescription&includefield=PerformedProcedureStepStatus"
+    )
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answers = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        out.write(f"QIDO-RS query failed: {exc}\n")
+        return
+    out.write(f"QIDO-RS GET {url.split('?')[0]}:\n")
+    for series in answers:
+        values = {
+            key: (series.get(tag, {}).get("Value") or [""])[0]
+            for key, tag in (
+                ("modality", "00080060"),
+                ("description", "0008103E"),
+                ("state", "00400252"),
+            )
+        }
+        state = f"  [{values['state']}]" if values["state"] else ""
+        out.write(f"  {values['modality']:<4} {values['description']}{state}\n")
+
+
 def _report(
     phantom: Phantom, files: list[Path], received: list[Path], node: Node, work: Path, out: TextIO
 ) -> bool:
@@ -252,6 +283,12 @@ def _report(
             f"classification: {c['label']} p={c['probability']:.3f} "
             f"({'positive' if c['positive'] else 'negative'}; truth: positive)\n"
         )
+    if jobs and jobs[0].triage_priority:
+        out.write(
+            f"triage priority: {jobs[0].triage_priority} "
+            "(recorded in the job, written into the SR)\n"
+        )
+    _show_qido(node, phantom.datasets[0].StudyInstanceUID, out)
     k = write_preview(volume.pixels, mask, truth, work / "preview.png")
     out.write(f"preview (slice {k}, red = SEG, green = truth outline): {work / 'preview.png'}\n")
     return d > 0.5

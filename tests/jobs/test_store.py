@@ -179,9 +179,7 @@ def test_a_notification_waits_for_the_results_it_references(s: Stores, tmp_path:
     assert notification.path.name == "ct-oru.hl7"
 
 
-def test_a_forced_rerun_keeps_the_record_of_what_was_delivered(
-    s: Stores, tmp_path: Path
-) -> None:
+def test_a_forced_rerun_keeps_the_record_of_what_was_delivered(s: Stores, tmp_path: Path) -> None:
     # Given a done job whose SR was delivered with status 0x0000
     job_id = new_job(s)
     s.jobs.claim()
