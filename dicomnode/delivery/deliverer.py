@@ -260,6 +260,8 @@ class Deliverer:
                 return
             why = ack.error or f"{destination.name} answered {ack.code}"
             state = self.outbox.delivery_failed(item.id, why, transient=ack.transient)
+            if self.observer is not None:
+                self.observer.failure(destination.name, 1, transient=ack.transient)
             log.warning(
                 "job %d: HL7 message to %s: %s -> %s", item.job_id, destination.name, why, state
             )
@@ -280,6 +282,8 @@ class Deliverer:
             for i, item in enumerate(items):
                 if i not in answered:
                     self.outbox.delivery_failed(item.id, reason, transient=True)
+            if self.observer is not None:
+                self.observer.failure(destination.name, len(items) - len(answered), transient=True)
             return
         log.info("delivered %d HL7 message(s) to %s", len(items), destination.name)
 

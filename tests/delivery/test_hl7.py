@@ -203,6 +203,23 @@ def _outbox_with_oru(tmp_path: Path, destination: Hl7Destination) -> tuple[Confi
     return config, outbox, job_id
 
 
+class CountingObserver:
+    """The node's delivery metrics, recorded (what dicomnode_delivery_* would count)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, int]] = []
+        self.failures: list[tuple[str, int, bool]] = []
+
+    def attempt(self, destination: str, files: int) -> None:
+        self.attempts.append((destination, files))
+
+    def failure(self, destination: str, files: int, *, transient: bool) -> None:
+        self.failures.append((destination, files, transient))
+
+    def phase(self, pipeline: str, phase: str, seconds: float) -> None:
+        pass
+
+
 def _deliver_until(deliverer: Deliverer, outbox: Outbox, job_id: int, state: str) -> None:
     def settled() -> bool:
         deliverer.run_once()
@@ -234,6 +251,8 @@ def test_acknowledgements(
     ris.start()
     config, outbox, job_id = _outbox_with_oru(tmp_path, _ris(ris.port))
     deliverer = Deliverer(config, outbox)
+    counted = CountingObserver()
+    deliverer.observer = counted
     try:
         # When the outbox is delivered
         _deliver_until(deliverer, outbox, job_id, job_state)
@@ -243,6 +262,11 @@ def test_acknowledgements(
     # Then the item ends as the code says, after as many attempts
     (item,) = outbox.items(job_id)
     assert (item.state, item.attempts) == (item_state, attempts), item
+    # and every attempt and refusal is counted for the metrics
+    assert len(counted.attempts) == attempts
+    refusals = {"AA": [], "done": [("ris", 1, True)] * 2, "dead": [("ris", 1, False)]}
+    expected = refusals["AA" if attempts == 1 and item_state == "done" else item_state]
+    assert counted.failures == expected
     assert len(ris.received) == attempts
     # And the receiver saw the header addressed to it
     first = ris.received[0]
@@ -263,6 +287,8 @@ def test_ris_down_then_back_retries_with_back_off(
     ris = MllpPeer(free_port())
     config, outbox, job_id = _outbox_with_oru(tmp_path, _ris(ris.port))
     deliverer = Deliverer(config, outbox)
+    counted = CountingObserver()
+    deliverer.observer = counted
     try:
         # When delivery runs for 2.5 s
         deadline = time.monotonic() + 2.5
@@ -274,6 +300,7 @@ def test_ris_down_then_back_retries_with_back_off(
         (item,) = outbox.items(job_id)
         assert item.state == "pending" and 2 <= item.attempts <= 5, item
         assert "cannot send" in item.last_error
+        assert counted.failures == [("ris", 1, True)] * item.attempts
 
         # When the RIS comes back on the same port
         ris.start()
