@@ -25,12 +25,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings, Remote
-from dicomnode.errors import InvalidInstanceError
 from dicomnode.net import patches, status
 from dicomnode.net.qr import QueryRetrieveSCP
+from dicomnode.net.receive import receive_instance
 from dicomnode.net.tls import server_context
+from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.query import Catalog
-from dicomnode.spool.store import Spool, StoreOutcome, read_header
+from dicomnode.spool.store import Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -240,63 +241,46 @@ class StorageSCP:
                 reason="caller not allowed",
             )
             return status.REFUSED_NOT_AUTHORIZED, "refused", ""
-        try:
-            encoded = event.encoded_dataset(include_meta=True)
-            header = read_header(encoded)
-            req: Any = event.request
+        req: Any = event.request
+
+        def matches_request(header: InstanceHeader) -> tuple[int, str] | None:
             if str(req.AffectedSOPInstanceUID) != header.sop_instance_uid:
-                raise InvalidInstanceError(
-                    "SOP Instance UID of the dataset differs from the C-STORE request"
+                return (
+                    status.ERROR_CANNOT_UNDERSTAND,
+                    "SOP Instance UID of the dataset differs from the C-STORE request",
                 )
             if str(req.AffectedSOPClassUID) != header.sop_class_uid:
-                log.warning("C-STORE rejected: dataset SOP class differs from the request")
-                with self._lock:
-                    self.counters.failed += 1
-                self.audit.record(
-                    "instance",
-                    outcome="refused",
-                    calling_ae=ae_title,
-                    host=host,
-                    status=status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    sop_instance_uid=header.sop_instance_uid,
-                    reason="SOP class differs from the request",
+                return (
+                    status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOP class differs from the request",
                 )
-                return status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "refused", ""
-            outcome = self.spool.store(
-                encoded, calling_ae=ae_title, calling_host=host, header=header
-            )
-        except Exception as exc:
-            code = status.status_for(exc)
-            log.warning("C-STORE from %s failed with 0x%04X: %s", ae_title, code, exc)
-            with self._lock:
-                self.counters.failed += 1
-            self.audit.record(
-                "instance",
-                outcome="refused",
-                status=code,
-                calling_ae=ae_title,
-                host=host,
-                reason=str(exc)[:300],
-            )
-            return code, "refused", ""
+            return None
+
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # pynetdicom could not assemble the dataset's bytes
+            encoded = b""
+            log.warning("C-STORE from %s: no dataset bytes: %s", ae_title, exc)
+        receipt = receive_instance(
+            self.spool,
+            self.audit,
+            encoded,
+            calling_ae=ae_title,
+            host=host,
+            via=f"C-STORE from {ae_title}",
+            check=matches_request,
+        )
         with self._lock:
-            if outcome is StoreOutcome.DUPLICATE:
+            if not receipt.ok:
+                self.counters.failed += 1
+            elif receipt.outcome == StoreOutcome.DUPLICATE.value:
                 self.counters.duplicates += 1
             else:
                 self.counters.stored += 1
-                if outcome is StoreOutcome.NEW_VERSION:
+                if receipt.outcome == StoreOutcome.NEW_VERSION.value:
                     self.counters.new_versions += 1
-        self.audit.record(
-            "instance",
-            outcome=outcome.value,
-            status=status.SUCCESS,
-            calling_ae=ae_title,
-            host=host,
-            sop_instance_uid=header.sop_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-        )
-        return status.SUCCESS, outcome.value, header.study_instance_uid
+        study = receipt.header.study_instance_uid if receipt.ok and receipt.header else ""
+        return receipt.status, receipt.outcome, study
 
     def _log_open(self, event: Event) -> None:
         """Runs before the association starts: install the host check and the guards

@@ -31,8 +31,10 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from dicomnode.net import status
+from dicomnode.net.receive import receive_instance
+from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.query import Catalog, QueryError, StoredObject
-from dicomnode.spool.store import Spool, StoreOutcome, read_header
+from dicomnode.spool.store import Spool
 from dicomnode.web.app import WebContext
 from dicomnode.web.render import RENDERED_FORMATS, render_frame
 
@@ -269,46 +271,37 @@ def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
 def store_part(
     spool: Spool, ctx: WebContext, part_type: str, encoded: bytes, host: str, study: str | None
 ) -> tuple[Dataset, str | None]:
-    """Store one part as the C-STORE handler would: (sequence item, the instance's
-    WADO-RS path below the prefix when stored, else None)."""
+    """Store one part exactly as C-STORE does (:func:`dicomnode.net.receive.receive_instance`):
+    (sequence item, the instance's WADO-RS path below the prefix when stored, else None)."""
     item = Dataset()
-    try:
-        if part_type != "application/dicom":
-            raise RequestError(415, f"part of type {part_type[:40]!r} is not application/dicom")
-        header = read_header(encoded)
-        item.ReferencedSOPClassUID = header.sop_class_uid
-        item.ReferencedSOPInstanceUID = header.sop_instance_uid
+
+    def in_this_study(header: InstanceHeader) -> tuple[int, str] | None:
         if study is not None and header.study_instance_uid != study:
-            raise RequestError(409, "the instance belongs to another study than the URL's")
-        outcome = spool.store(encoded, calling_ae=STOW_CALLING_AE, calling_host=host, header=header)
-    except Exception as exc:
-        code = status.ERROR_CANNOT_UNDERSTAND if isinstance(exc, RequestError) else None
-        code = code if code is not None else status.status_for(exc)
-        log.warning("STOW-RS from %s: part refused with 0x%04X: %s", host, code, exc)
-        ctx.audit.record(
-            "instance",
-            outcome="refused",
-            status=code,
-            calling_ae=STOW_CALLING_AE,
-            host=host,
-            reason=str(exc)[:300],
-        )
-        item.FailureReason = code
+            return status.ERROR_CANNOT_UNDERSTAND, "the instance belongs to another study"
+        return None
+
+    if part_type != "application/dicom":
+        item.FailureReason = status.ERROR_CANNOT_UNDERSTAND
+        log.warning("STOW-RS from %s: a part of type %r refused", host, part_type[:40])
         return item, None
-    ctx.audit.record(
-        "instance",
-        outcome=outcome.value,
-        status=status.SUCCESS,
+    receipt = receive_instance(
+        spool,
+        ctx.audit,
+        encoded,
         calling_ae=STOW_CALLING_AE,
         host=host,
-        sop_instance_uid=header.sop_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        sop_class_uid=header.sop_class_uid,
+        via=f"STOW-RS from {host}",
+        check=in_this_study,
     )
-    if outcome is StoreOutcome.DUPLICATE:
-        log.info("STOW-RS from %s: duplicate %s accepted", host, header.sop_instance_uid)
+    if receipt.header is not None:
+        item.ReferencedSOPClassUID = receipt.header.sop_class_uid
+        item.ReferencedSOPInstanceUID = receipt.header.sop_instance_uid
+    if not receipt.ok or receipt.header is None:
+        item.FailureReason = receipt.status
+        return item, None
+    header = receipt.header
     path = _instance_url(
-        "", header.study_instance_uid, header.series_instance_uid, item.ReferencedSOPInstanceUID
+        "", header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
     )
     return item, path
 

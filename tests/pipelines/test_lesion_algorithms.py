@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
-import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.app.processor import Processor
 from dicomnode.config import Config, PipelineSettings, builtin_bundle
 from dicomnode.outputs.layout import result_files
-from dicomnode.outputs.validate import find_tool, run_dciodvfy
+from dicomnode.outputs.validate import run_dciodvfy
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
 
 ALGORITHM_NAME, ALGORITHM_VERSION, ALGORITHM_PARAMETERS = "111001", "111003", "111002"
@@ -29,7 +29,7 @@ def algorithm_rows(item: Dataset) -> dict[str, list[str]]:
 
 
 def test_classification_names_the_classifier_and_findings_the_segmenter(
-    tmp_path: Path,
+    tmp_path: Path, require_tool: Callable[[str], str]
 ) -> None:
     # Given the lesion pipeline with the shipped segmentation and classification bundles
     settings = PipelineSettings(
@@ -86,7 +86,6 @@ def test_classification_names_the_classifier_and_findings_the_segmenter(
         if (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("1630", "99IHE")
     ]
     assert algorithms == ["lesion-seg", "lesion-cls"]
-    if find_tool("dciodvfy") is None:
-        pytest.skip("dciodvfy is not installed (dicom3tools)")
+    require_tool("dciodvfy")
     validation = run_dciodvfy(out.report)
     assert validation.errors == [], validation.output

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import EnhancedCTImageStorage, RLELossless
 
-from dicomnode.outputs.validate import find_tool, run_dciodvfy
+from dicomnode.outputs.validate import run_dciodvfy
 from dicomnode.synthetic.enhanced import enhanced_dataset
 from dicomnode.synthetic.phantom import (
     RESCALE_INTERCEPT,
@@ -28,18 +28,15 @@ def _text(values: object) -> list[str]:
     return [str(v) for v in values]
 
 
-def _dciodvfy_clean(path: Path) -> None:
-    if find_tool("dciodvfy") is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy is not installed (dicom3tools)")
-        pytest.skip("dciodvfy is not installed (dicom3tools)")
+def _dciodvfy_clean(path: Path, require_tool: Callable[[str], str]) -> None:
+    require_tool("dciodvfy")
     report = run_dciodvfy(path)
     assert report.errors == [] and report.warnings == [], report.output
 
 
 @pytest.mark.parametrize("orientation", ["axial", "oblique", "sagittal"])
 def test_enhanced_phantom_holds_the_classic_frames_in_dataset_order(
-    tmp_path: Path, orientation: str
+    tmp_path: Path, orientation: str, require_tool: Callable[[str], str]
 ) -> None:
     # Given a phantom whose slices run against the normal
     phantom = generate_phantom(
@@ -76,10 +73,12 @@ def test_enhanced_phantom_holds_the_classic_frames_in_dataset_order(
     ]
     assert in_stack == list(range(7, 0, -1))  # 1 at the start of the normal
     np.testing.assert_array_equal(ds.pixel_array, phantom.hu - RESCALE_INTERCEPT)
-    _dciodvfy_clean(path)
+    _dciodvfy_clean(path, require_tool)
 
 
-def test_later_phases_follow_as_temporal_positions(tmp_path: Path) -> None:
+def test_later_phases_follow_as_temporal_positions(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
     phantom = generate_phantom(SPEC)
     second = generate_phantom(
         PhantomSpec(
@@ -106,7 +105,7 @@ def test_later_phases_follow_as_temporal_positions(tmp_path: Path) -> None:
         pydicom.dcmread(path).pixel_array,
         np.concatenate([phantom.hu, second.hu]) - RESCALE_INTERCEPT,
     )
-    _dciodvfy_clean(path)
+    _dciodvfy_clean(path, require_tool)
     with pytest.raises(ValueError, match="geometry"):
         enhanced_dataset(phantom, later_phases=[generate_phantom(PhantomSpec(slices=7))])
 

@@ -1,0 +1,94 @@
+"""Receiving one instance, the same way through every door (C-STORE, STOW-RS).
+
+Check the encoded bytes (no decoding), let the caller refuse what its protocol forbids
+(a C-STORE whose dataset differs from its request, a STOW part of another study), store
+durably, map errors to the DICOM status (:func:`dicomnode.net.status.status_for`) and
+write the audit record.  The status is 0x0000 only once the spool has the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicomnode.audit import AuditLog
+from dicomnode.net import status
+from dicomnode.spool.index import InstanceHeader
+from dicomnode.spool.store import Spool, read_header
+
+log = logging.getLogger(__name__)
+
+#: Why a caller refuses an instance it read: (status, reason), or None to store it.
+Check = Callable[[InstanceHeader], tuple[int, str] | None]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    status: int
+    #: stored, duplicate, new_version, or refused
+    outcome: str
+    header: InstanceHeader | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == status.SUCCESS
+
+
+def receive_instance(
+    spool: Spool,
+    audit: AuditLog,
+    encoded: bytes,
+    *,
+    calling_ae: str,
+    host: str,
+    via: str,
+    check: Check | None = None,
+) -> Receipt:
+    """Check, store and audit one instance (file meta + encoded dataset); never raises.
+
+    ``via`` names the door in log lines (``"C-STORE from PACS"``)."""
+    header: InstanceHeader | None = None
+    try:
+        header = read_header(encoded)
+        refused = check(header) if check is not None else None
+        if refused is not None:
+            code, reason = refused
+            return _refuse(audit, via, calling_ae, host, code, reason, header)
+        outcome = spool.store(encoded, calling_ae=calling_ae, calling_host=host, header=header)
+    except Exception as exc:
+        return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
+    audit.record(
+        "instance",
+        outcome=outcome.value,
+        status=status.SUCCESS,
+        calling_ae=calling_ae,
+        host=host,
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+    )
+    return Receipt(status.SUCCESS, outcome.value, header)
+
+
+def _refuse(
+    audit: AuditLog,
+    via: str,
+    calling_ae: str,
+    host: str,
+    code: int,
+    reason: str,
+    header: InstanceHeader | None,
+) -> Receipt:
+    log.warning("%s refused with 0x%04X: %s", via, code, reason)
+    audit.record(
+        "instance",
+        outcome="refused",
+        status=code,
+        calling_ae=calling_ae,
+        host=host,
+        reason=reason[:300],
+        **({"sop_instance_uid": header.sop_instance_uid} if header is not None else {}),
+    )
+    return Receipt(code, "refused", header, reason)
