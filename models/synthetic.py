@@ -12,17 +12,15 @@ Layout::
     OUT/case_0000/SEG/SEG.dcm
     OUT/manifest.json       the generating spec and lesions of every case
 
-Run ``python -m dicomnode.models.synthetic --out DIR --cases N --seed S``.  This module
+Run ``dicomnode synth --out DIR --cases N --seed S``.  This module
 does not import TensorFlow.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -190,29 +188,3 @@ def write_dataset(
     summary = {"seed": seed, "cases": cases, "config": asdict(config), "manifest": manifest}
     (out / "manifest.json").write_text(json.dumps(summary, indent=1) + "\n")
     return manifest
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dicomnode.models.synthetic",
-        description="Write synthetic CT series with DICOM SEG lesion labels for training.",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--cases", type=int, default=48, help="number of cases (default 48)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--negative-fraction",
-        type=float,
-        default=0.2,
-        help="fraction of cases without lesions (default 0.2)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    config = SyntheticConfig(negative_fraction=args.negative_fraction)
-    write_dataset(args.out, args.cases, args.seed, config)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
