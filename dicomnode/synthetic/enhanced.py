@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
@@ -28,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicomnode.synthetic.phantom import BITS_STORED, RESCALE_INTERCEPT, Phantom
+from dicomnode.synthetic.phantom import BITS_STORED, RESCALE_INTERCEPT, Phantom, file_meta
 
 _NATIVE = frozenset(
     {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
@@ -312,13 +311,7 @@ def enhanced_dataset(
     hu = np.concatenate([each.hu for each in phases])
     stored = (hu - RESCALE_INTERCEPT).astype(np.uint16)
     assert int(stored.max(initial=0)) < 2**BITS_STORED
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "DICOMNODE"
-    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
-    ds.file_meta = meta
+    meta = ds.file_meta = file_meta(ds)
     syntax = phantom.spec.transfer_syntax
     if syntax in _NATIVE:
         ds.PixelData = stored.tobytes()

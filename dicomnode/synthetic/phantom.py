@@ -433,6 +433,17 @@ def _copy_header(header: Dataset) -> Dataset:
     return ds
 
 
+def file_meta(ds: Dataset) -> FileMetaDataset:
+    """File meta for a phantom instance, Explicit VR Little Endian until it is compressed."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "DICOMNODE"
+    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
+    return meta
+
+
 def _instance(
     header: Dataset, spec: PhantomSpec, geo: _Geometry, k: int, pixels: npt.NDArray[np.float32]
 ) -> Dataset:
@@ -452,13 +463,7 @@ def _instance(
     stored = (pixels - RESCALE_INTERCEPT).astype(np.uint16)
     ds.PixelData = stored.tobytes()
     ds["PixelData"].VR = "OW"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "DICOMNODE"
-    meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
-    ds.file_meta = meta
+    meta = ds.file_meta = file_meta(ds)
     if spec.transfer_syntax in _NATIVE_TRANSFER_SYNTAXES:
         meta.TransferSyntaxUID = UID(spec.transfer_syntax)
     else:
