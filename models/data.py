@@ -201,7 +201,8 @@ def load_case(ref: CaseRef, labels: Sequence[Label]) -> Case:
         mask = np.zeros((*volume.shape, len(labels)), dtype=bool)
     else:
         mask = read_label_mask(ref.seg_path, volume.sop_instance_uids, labels)
-    return Case(ref.case_id, volume.pixels, mask, volume.pixel_spacing, volume.slice_spacing)
+    hu = np.asarray(volume.pixels, dtype=np.float32)  # int16 for most CT; training wants float
+    return Case(ref.case_id, hu, mask, volume.pixel_spacing, volume.slice_spacing)
 
 
 def load_cases(

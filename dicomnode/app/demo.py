@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from dicomnode.app.node import Node
 from dicomnode.config import Config, LogLevel, Remote, default_config_path, load_config
 from dicomnode.imaging.series import load_volume
+from dicomnode.imaging.volume import Pixels
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
@@ -88,7 +89,7 @@ def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
 
 
 def write_preview(
-    hu: npt.NDArray[np.float32],
+    hu: Pixels,
     mask: npt.NDArray[np.bool_],
     truth: npt.NDArray[np.bool_],
     path: Path,

@@ -4,12 +4,14 @@ Native little-endian 16-bit data is read straight from the buffer (pydicom's gen
 costs ~2 ms per 512 x 512 slice; this costs microseconds); everything else goes through
 pydicom's decoders (the pylibjpeg plugins for compressed syntaxes), frame by frame for a
 multi-frame instance, so peak memory stays one frame above the volume.
+:func:`iter_frames` gives them one at a time in one float32 buffer, for the caller to
+store as it likes (:mod:`dicomnode.imaging.series` keeps int16 where the values allow).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -82,10 +84,11 @@ def _decoded(
         raise _decode_error(ds, label, exc) from exc
 
 
-def decode_frames(
-    ds: Dataset, headers: Sequence[FrameHeader], out: Sequence[npt.NDArray[np.float32]]
-) -> None:
-    """Decode the frames ``headers`` of ``ds`` into ``out`` (one array per frame), rescaled.
+def iter_frames(ds: Dataset, headers: Sequence[FrameHeader]) -> Iterator[npt.NDArray[np.float32]]:
+    """The frames ``headers`` of ``ds``, rescaled, one at a time, in ``headers``' order.
+
+    Each frame is yielded in the same float32 buffer, overwritten by the next one: copy
+    what is to be kept before asking for the next frame.
 
     Raises
     ------
@@ -95,26 +98,29 @@ def decode_frames(
     """
     if "PixelData" not in ds:
         raise ImagingError(f"{headers[0].label}: missing PixelData")
+    out = np.empty((headers[0].rows, headers[0].columns), dtype=np.float32)
     if headers[0].frame == 0:  # a single-frame image: its own rescale or Modality LUT
         stored = _native_pixels(ds, 0)
         if stored is None:
             stored = _decoded(ds, headers[0].label, None)[0]
-        _check_shape(stored, out[0], headers[0].label)
+        _check_shape(stored, out, headers[0].label)
         if "ModalityLUTSequence" in ds:
-            out[0][...] = apply_modality_lut(stored, ds)
-            return
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        _rescale_into(stored, slope, intercept, headers[0].label, out[0])
+            out[...] = apply_modality_lut(stored, ds)
+        else:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            _rescale_into(stored, slope, intercept, headers[0].label, out)
+        yield out
         return
     native = [_native_pixels(ds, h.frame - 1) for h in headers]
     if any(a is None for a in native):
         native = list(_decoded(ds, headers[0].label, [h.frame - 1 for h in headers]))
-    for header, stored, target in zip(headers, native, out, strict=True):
+    for header, stored in zip(headers, native, strict=True):
         assert stored is not None
-        _check_shape(stored, target, header.label)
+        _check_shape(stored, out, header.label)
         slope, intercept = header.rescale or (1.0, 0.0)
-        _rescale_into(stored, slope, intercept, header.label, target)
+        _rescale_into(stored, slope, intercept, header.label, out)
+        yield out
 
 
 def _check_shape(stored: npt.NDArray[np.integer], out: npt.NDArray[np.float32], label: str) -> None:

@@ -3,7 +3,9 @@
 :func:`load_volume` first picks the stack to process (:func:`select_stack`, headers only:
 non-images, localizers and other orientations or phases left out, gaps refused; see
 :mod:`dicomnode.imaging.selection`), then reads and decodes its frames one instance at a
-time straight into the preallocated float32 volume.  Classic single-frame series and
+time straight into the preallocated volume: int16 (half the memory of float32) as long as
+every rescaled value is an integer int16 holds, as CT's Hounsfield units are; float32
+from the first frame that needs it on.  Classic single-frame series and
 enhanced multi-frame images (Enhanced CT/MR, Legacy Converted Enhanced: geometry and
 rescale from the functional groups) give the same volume for the same pixels and geometry.
 
@@ -26,10 +28,10 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import ImagingError
 from dicomnode.imaging.headers import FrameHeader, is_multiframe, read_frames
-from dicomnode.imaging.pixels import decode_frames
+from dicomnode.imaging.pixels import iter_frames
 from dicomnode.imaging.selection import UNREADABLE, StackChoice, read_header, select_stack
 from dicomnode.imaging.stack import check_consistent, stack_geometry
-from dicomnode.imaging.volume import Volume
+from dicomnode.imaging.volume import Pixels, Volume
 
 __all__ = [
     "StackChoice",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-def _permute_in_place(pixels: npt.NDArray[np.float32], order: npt.NDArray[np.intp]) -> None:
+def _permute_in_place(pixels: Pixels, order: npt.NDArray[np.intp]) -> None:
     """``pixels[:] = pixels[order]`` with one temporary slice instead of a full copy."""
     done = np.zeros(len(order), dtype=bool)
     for start in range(len(order)):
@@ -74,7 +76,7 @@ class _VolumeBuilder:
             raise ImagingError("cannot build a volume from an empty series")
         self.count = count
         self.headers: list[FrameHeader] = []
-        self.pixels: npt.NDArray[np.float32] | None = None
+        self.pixels: Pixels | None = None
 
     def add(self, ds: Dataset, label: str, source: int, frames: Collection[int] = ()) -> None:
         """Add the frames ``frames`` of ``ds`` (all of them when empty)."""
@@ -89,10 +91,11 @@ class _VolumeBuilder:
                 raise ImagingError(f"{label}: more frames than the {self.count} expected")
             if self.pixels is None:
                 shape = (self.count, headers[0].rows, headers[0].columns)
-                self.pixels = np.empty(shape, dtype=np.float32)
+                self.pixels = np.empty(shape, dtype=np.int16)
             check_consistent([self.headers[0] if self.headers else headers[0], *headers])
             start = len(self.headers)
-            decode_frames(ds, headers, [self.pixels[start + i] for i in range(len(headers))])
+            for i, frame in enumerate(iter_frames(ds, headers)):
+                self._store(start + i, frame)
         except ImagingError:
             raise
         except UNREADABLE as exc:
@@ -102,6 +105,19 @@ class _VolumeBuilder:
                 f"{label}: unreadable attribute value ({type(exc).__name__}: {exc})"
             ) from exc
         self.headers.extend(headers)
+
+    def _store(self, index: int, frame: npt.NDArray[np.float32]) -> None:
+        """``pixels[index] = frame``; the first frame int16 cannot hold exactly (a fraction,
+        a value out of its range, NaN) turns the whole volume into float32, once."""
+        assert self.pixels is not None
+        if self.pixels.dtype == np.int16:
+            with np.errstate(invalid="ignore"):  # NaN or out of range: caught just below
+                compact = frame.astype(np.int16)
+            if np.array_equal(compact, frame):
+                self.pixels[index] = compact
+                return
+            self.pixels = self.pixels.astype(np.float32)
+        self.pixels[index] = frame
 
     def build(self, paths: Sequence[Path]) -> Volume:
         if self.pixels is None or len(self.headers) != self.count:

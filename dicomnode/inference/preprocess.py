@@ -17,6 +17,9 @@ from dicomnode.inference.card import Preprocessing
 
 FloatArray = npt.NDArray[np.float32]
 
+#: Slices windowed and resampled at once by :func:`prepare_slices`.
+PREPARE_SLICES = 4
+
 
 @dataclass(frozen=True)
 class SliceGeometry:
@@ -28,13 +31,19 @@ class SliceGeometry:
 
 
 def apply_intensity(hu: npt.ArrayLike, spec: Preprocessing) -> FloatArray:
-    """Clip to the HU window and normalise (``minmax`` -> [0, 1], ``zscore`` -> mean/std)."""
-    x = np.clip(np.asarray(hu, dtype=np.float32), spec.window_min, spec.window_max)
+    """Clip to the HU window and normalise (``minmax`` -> [0, 1], ``zscore`` -> mean/std).
+
+    One float32 copy of ``hu``, worked on in place (the same float32 operations, so the
+    same values, as with a new array per step)."""
+    x = np.array(hu, dtype=np.float32)
+    np.clip(x, spec.window_min, spec.window_max, out=x)
     if spec.normalisation == "minmax":
-        out = (x - spec.window_min) / (spec.window_max - spec.window_min)
+        x -= spec.window_min
+        x /= spec.window_max - spec.window_min
     else:
-        out = (x - spec.mean) / spec.std
-    return out.astype(np.float32, copy=False)
+        x -= spec.mean
+        x /= spec.std
+    return x
 
 
 def _taps(n_in: int, n_out: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], FloatArray]:
@@ -82,21 +91,28 @@ def resampled_shape(
 def prepare_slices(
     hu: npt.ArrayLike, pixel_spacing: tuple[float, float], spec: Preprocessing
 ) -> tuple[FloatArray, SliceGeometry]:
-    """Turn (N, H, W) HU slices into the model's (N, h, w) input and the restore geometry."""
-    arr = np.asarray(hu, dtype=np.float32)
+    """Turn (N, H, W) HU slices into the model's (N, h, w) input and the restore geometry.
+
+    A few slices at a time (:data:`PREPARE_SLICES`), written into the result: the float
+    copies at the source resolution stay small whatever N is."""
+    arr = np.asarray(hu)  # int16 or float32: apply_intensity makes the float32 copy
     if arr.ndim != 3:
         raise ValueError(f"expected (slices, rows, columns), got shape {arr.shape}")
     src_shape = (int(arr.shape[1]), int(arr.shape[2]))
     rs = resampled_shape(src_shape, pixel_spacing, spec)
-    x = resize_bilinear(apply_intensity(arr, spec), rs)
     m = spec.pad_multiple
     padded = (-(-rs[0] // m) * m, -(-rs[1] // m) * m)
     if padded != rs:
         fill = float(apply_intensity(np.float32(spec.window_min), spec))
-        out = np.full((x.shape[0], *padded), fill, dtype=np.float32)
-        out[:, : rs[0], : rs[1]] = x
-        x = out
-    return x, SliceGeometry(src_shape, rs, padded)
+        out = np.full((arr.shape[0], *padded), fill, dtype=np.float32)
+    else:
+        out = np.empty((arr.shape[0], *padded), dtype=np.float32)
+    for start in range(0, arr.shape[0], PREPARE_SLICES):
+        x = apply_intensity(arr[start : start + PREPARE_SLICES], spec)
+        if rs != src_shape:
+            x = resize_bilinear(x, rs)
+        out[start : start + len(x), : rs[0], : rs[1]] = x
+    return out, SliceGeometry(src_shape, rs, padded)
 
 
 def prepare_labels(
@@ -140,6 +156,7 @@ def restore_slices(
         return resize_bilinear(cropped, geometry.source_shape)
     out = np.zeros((arr.shape[0], *geometry.source_shape), dtype=np.float32)
     keep = np.flatnonzero(cropped.reshape(len(cropped), -1).max(axis=1) >= skip_below)
-    if len(keep):
-        out[keep] = resize_bilinear(cropped[keep], geometry.source_shape)
+    for start in range(0, len(keep), PREPARE_SLICES):  # a few at a time, as prepare_slices
+        some = keep[start : start + PREPARE_SLICES]
+        out[some] = resize_bilinear(cropped[some], geometry.source_shape)
     return out

@@ -9,7 +9,14 @@ again there; a failure on the CPU is a :class:`~dicomnode.errors.ModelError`.
 
 Segmentation and classification bundles have separate entry points with fixed output
 shapes: :meth:`BundleRunner.predict_segmentation` and
-:meth:`BundleRunner.predict_classification`.
+:meth:`BundleRunner.predict_classification` for a whole volume, and
+:meth:`BundleRunner.segment_slab` and :meth:`BundleRunner.classify_slab` for a volume
+streamed in slabs (:mod:`dicomnode.inference.slabs`), which is how the pipelines run.
+
+Sessions are opened with :func:`session_options` (threads, graph optimisation, memory
+planning; measured in docs/performance.md).  On the CPU a batch holds at most
+:data:`CPU_BATCH_SIZE` slices whatever the configured batch size (the one for GPUs): small
+batches were faster there and keep the session's memory arena small.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -32,6 +40,7 @@ from dicomnode.inference.preprocess import (
     restore_slices,
     stack_context,
 )
+from dicomnode.inference.slabs import Slab
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,11 @@ PROVIDERS = {
 CPU_ONLY = (PROVIDERS["cpu"],)
 
 Task = Literal["segmentation", "classification"]
+
+#: Slices per batch on the CPU, at most.  The shipped U-Net ran 300 slices of 256 x 256 in
+#: 3.3-3.6 s at batch 4 and 3.9 s at 16 on two cores, and its memory arena holds 75 MB at 4
+#: and 276 MB at 16 (docs/performance.md).  Outputs do not depend on the batch size.
+CPU_BATCH_SIZE = 4
 
 
 class InferenceSession(Protocol):
@@ -83,6 +97,39 @@ def cuda_driver_present() -> bool:
     return True
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's limit, not the host's cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def session_options(intra_op_threads: int = 0) -> Any:
+    """``onnxruntime.SessionOptions`` for a bundle's session.
+
+    - intra-op threads: ``intra_op_threads``, or every CPU this process may use (ONNX
+      Runtime's own default counts the host's physical cores, which a container may not
+      have); inter-op threads: 1, the graphs being one chain of operators;
+    - all graph optimisations (the default, said explicitly);
+    - no memory pattern planning: its block planned per input shape raised the peak by
+      170 MB at batch 16 and made no difference to the time;
+    - idle threads do not spin: the worker's Python (decoding, encoding) runs on the same
+      cores, and spinning threads took their time.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = intra_op_threads or cpu_count()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def choose_providers(wanted: Sequence[str], tensorrt: bool = False) -> list[str]:
     """Map config names to ORT provider names, keeping only usable ones, CPU last."""
     names = [n for n in wanted if n != "tensorrt" or tensorrt]
@@ -109,15 +156,11 @@ class BundleRunner:
         batch_size: int = 16,
         intra_op_threads: int = 0,
     ) -> None:
-        import onnxruntime as ort
-
         self.bundle = bundle
         self.card = bundle.card
-        self.batch_size = batch_size
-        self._options = ort.SessionOptions()
-        self._options.log_severity_level = 3
-        if intra_op_threads:
-            self._options.intra_op_num_threads = intra_op_threads
+        #: The configured batch size (used on a GPU; see :attr:`batch_size`).
+        self.configured_batch_size = batch_size
+        self._options = session_options(intra_op_threads)
         requested = choose_providers(providers, tensorrt)
         self.session = self._open(requested)
         self.choice = ProviderChoice(tuple(requested), tuple(self.session.get_providers()))
@@ -138,6 +181,13 @@ class BundleRunner:
             raise ModelError(
                 f"bundle {self.card.name}: model has no output {self.card.output.name!r}"
             )
+
+    @property
+    def batch_size(self) -> int:
+        """Slices per batch: the configured size, at most :data:`CPU_BATCH_SIZE` on the CPU."""
+        if self.choice.on_gpu:
+            return self.configured_batch_size
+        return min(self.configured_batch_size, CPU_BATCH_SIZE)
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -211,14 +261,50 @@ class BundleRunner:
         out: npt.NDArray[np.float32] = (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
         return out
 
-    def _run_slices(self, x: npt.NDArray[np.float32]) -> Iterator[npt.NDArray[np.float32]]:
-        """Raw model output for prepared (slices, h, w) input, one batch at a time."""
+    def _run_slices(
+        self, x: npt.NDArray[np.float32], first: int = 0, last: int | None = None
+    ) -> Iterator[npt.NDArray[np.float32]]:
+        """Raw model output for slices ``first:last`` of prepared (slices, h, w) input, one
+        batch at a time; the slices of ``x`` around them are their context."""
+        last = x.shape[0] if last is None else last
         context = self.card.input.context_slices
-        for start in range(0, x.shape[0], self.batch_size):
-            stop = min(start + self.batch_size, x.shape[0])
+        for start in range(first, last, self.batch_size):
+            stop = min(start + self.batch_size, last)
             lo, hi = max(0, start - context // 2), min(x.shape[0], stop + context // 2)
             stacked = stack_context(x[lo:hi], context)  # neighbours across batch edges
             yield self._run_batch(stacked[start - lo : start - lo + stop - start])
+
+    def _segment(
+        self, x: npt.NDArray[np.float32], geometry: SliceGeometry, first: int, last: int
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities (channels, slices, rows, columns) of slices ``first:last`` of ``x``
+        on the source grid (values below the lowest label threshold may come back as 0)."""
+        self._require_task("segmentation")
+        outputs = []
+        for y in self._run_slices(x, first, last):
+            if self.card.output.layout == "NHWC":
+                y = np.moveaxis(y, -1, 1)
+            outputs.append(self._activate(y, axis=1))
+        out = np.concatenate(outputs, axis=0)  # (slices, channels, h, w)
+        # Only what can reach a label's threshold needs resampling (see restore_slices).
+        floor = min(label.threshold for label in self.card.labels)
+        channels = [
+            restore_slices(out[:, c], geometry, skip_below=floor) for c in range(out.shape[1])
+        ]
+        if len(channels) == 1:  # no copy: the restored slices below the floor stay untouched
+            return channels[0][np.newaxis]
+        return np.stack(channels, axis=0)
+
+    def _classify(
+        self, x: npt.NDArray[np.float32], first: int, last: int
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities (slices, channels) of slices ``first:last`` of ``x``."""
+        self._require_task("classification")
+        outputs = [
+            self._activate(y.reshape(y.shape[0], -1), axis=1)
+            for y in self._run_slices(x, first, last)
+        ]
+        return np.concatenate(outputs, axis=0)
 
     def predict_segmentation(
         self,
@@ -230,7 +316,8 @@ class BundleRunner:
 
         On the source grid; values below the lowest label threshold may come back as 0.
         ``prepared`` is :func:`prepare_slices` output computed with this card's
-        preprocessing (bundles with the same preprocessing share it).
+        preprocessing (bundles with the same preprocessing share it).  Holds the whole
+        volume's probabilities: the pipelines stream slabs through :meth:`segment_slab`.
 
         Raises
         ------
@@ -239,18 +326,7 @@ class BundleRunner:
         """
         self._require_task("segmentation")
         x, geometry = prepared or prepare_slices(hu, pixel_spacing, self.card.preprocessing)
-        outputs = []
-        for y in self._run_slices(x):
-            if self.card.output.layout == "NHWC":
-                y = np.moveaxis(y, -1, 1)
-            outputs.append(self._activate(y, axis=1))
-        out = np.concatenate(outputs, axis=0)  # (slices, channels, h, w)
-        # Only what can reach a label's threshold needs resampling (see restore_slices).
-        floor = min(label.threshold for label in self.card.labels)
-        channels = [
-            restore_slices(out[:, c], geometry, skip_below=floor) for c in range(out.shape[1])
-        ]
-        return np.stack(channels, axis=0)
+        return self._segment(x, geometry, 0, x.shape[0])
 
     def predict_classification(
         self,
@@ -269,5 +345,17 @@ class BundleRunner:
         """
         self._require_task("classification")
         x, _ = prepared or prepare_slices(hu, pixel_spacing, self.card.preprocessing)
-        outputs = [self._activate(y.reshape(y.shape[0], -1), axis=1) for y in self._run_slices(x)]
-        return np.concatenate(outputs, axis=0)
+        return self._classify(x, 0, x.shape[0])
+
+    def segment_slab(self, slab: Slab) -> npt.NDArray[np.float32]:
+        """Probabilities (channels, slices, rows, columns) of the slab's own slices on the
+        source grid; the slab must be prepared with this card's preprocessing and a halo
+        of at least ``context_slices // 2``.  As :meth:`predict_segmentation` otherwise."""
+        first, last = slab.own
+        return self._segment(slab.x, slab.geometry, first, last)
+
+    def classify_slab(self, slab: Slab) -> npt.NDArray[np.float32]:
+        """Probabilities (slices, channels) of the slab's own slices (see
+        :meth:`segment_slab`)."""
+        first, last = slab.own
+        return self._classify(slab.x, first, last)

@@ -16,8 +16,8 @@ import numpy.typing as npt
 
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Label
-from dicomnode.inference.preprocess import SliceGeometry
 from dicomnode.inference.runner import BundleRunner
+from dicomnode.inference.slabs import iter_slabs, slab_slices
 from dicomnode.pipelines.base import BundleRole, Pipeline
 from dicomnode.pipelines.results import (
     ALGORITHM_FAMILY,
@@ -29,13 +29,24 @@ from dicomnode.pipelines.results import (
 log = logging.getLogger(__name__)
 
 
-def classify_volume(
-    runner: BundleRunner,
-    volume: Volume,
-    prepared: tuple[npt.NDArray[np.float32], SliceGeometry] | None = None,
-) -> list[Classification]:
-    """One classification per label of the runner's card, aggregated over the slices."""
-    per_slice = runner.predict_classification(volume.pixels, volume.pixel_spacing, prepared)
+def classify_volume(runner: BundleRunner, volume: Volume) -> list[Classification]:
+    """One classification per label of the runner's card, aggregated over the slices.
+
+    The volume goes through the model in slabs (:mod:`dicomnode.inference.slabs`)."""
+    card = runner.card
+    slabs = iter_slabs(
+        volume.pixels,
+        volume.pixel_spacing,
+        card.preprocessing,
+        slices=slab_slices(runner.batch_size),
+        context=card.input.context_slices,
+    )
+    return aggregate(runner, np.concatenate([runner.classify_slab(slab) for slab in slabs]))
+
+
+def aggregate(runner: BundleRunner, per_slice: npt.NDArray[np.float32]) -> list[Classification]:
+    """One classification per label from per-slice probabilities (slices, channels), as
+    the card says (``max`` or ``mean`` over the slices)."""
     out = []
     for label in runner.card.labels:
         column = per_slice[:, label.index]

@@ -19,10 +19,10 @@ from scipy.spatial import ConvexHull, QhullError
 
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Label
-from dicomnode.inference.preprocess import prepare_slices
 from dicomnode.inference.runner import BundleRunner
+from dicomnode.inference.slabs import iter_slabs, slab_slices
 from dicomnode.pipelines.base import BundleRole, Pipeline
-from dicomnode.pipelines.classification import algorithm_of, classify_volume
+from dicomnode.pipelines.classification import aggregate, algorithm_of
 from dicomnode.pipelines.results import (
     AlgorithmInfo,
     Finding,
@@ -97,25 +97,33 @@ def measure_components(
     ``algorithm`` (the model and parameters that made ``mask``) is set on each finding;
     None leaves it to the result's algorithm.
     """
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
+    # Labelled within the box around the mask only: the same labels in the same (raster)
+    # order as over the whole volume, without an int32 copy of all of it.
+    around = ndimage.find_objects(mask.view(np.uint8))
+    if not around or around[0] is None:
         return mask, []
+    crop = around[0]
+    labelled, count = ndimage.label(mask[crop], structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(labelled.ravel(), minlength=count + 1)
     voxel_mm3 = volume.voxel_volume_mm3
     keep = [i for i in range(1, count + 1) if sizes[i] * voxel_mm3 >= min_volume_mm3]
     keep.sort(key=lambda i: -sizes[i])
-    cleaned = np.isin(labelled, keep)
+    cleaned = np.zeros(mask.shape, dtype=bool)  # calloc: untouched pages take no memory
+    cleaned[crop] = np.isin(labelled, keep)
     slices = ndimage.find_objects(labelled)
     findings = []
     for n, comp in enumerate(keep, start=1):
-        box = slices[comp - 1]
-        assert box is not None
-        local = labelled[box] == comp
+        inner = slices[comp - 1]
+        assert inner is not None
+        local = labelled[inner] == comp
+        box = tuple(
+            slice(c.start + s.start, c.start + s.stop) for c, s in zip(crop, inner, strict=True)
+        )
         offset = np.array([s.start for s in box])
         surface = local & ~ndimage.binary_erosion(local)
         pts = volume.voxel_to_patient(np.argwhere(surface) + offset)
         all_idx = np.argwhere(local) + offset
-        hu = volume.pixels[box][local]
+        hu = volume.pixels[box][local].astype(np.float32)  # float32 sums, int16 or not
         centroid = volume.voxel_to_patient(all_idx.mean(axis=0))
         findings.append(
             Finding(
@@ -148,13 +156,10 @@ class LesionPipeline:
 
     def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
         card = self.segmentation.card
-        prepared = prepare_slices(volume.pixels, volume.pixel_spacing, card.preprocessing)
-        probs = self.segmentation.predict_segmentation(
-            volume.pixels, volume.pixel_spacing, prepared
-        )
+        masks, per_slice = self.infer(volume)
         segments, findings = [], []
         for number, label in enumerate(card.labels, start=1):
-            raw = probs[label.index] >= label.threshold
+            raw = masks.pop(0)
             algorithm = algorithm_of(self.segmentation, label)
             mask, found = measure_components(
                 volume,
@@ -165,14 +170,12 @@ class LesionPipeline:
                 uid_seed=uid_seed,
                 algorithm=algorithm,
             )
+            del raw
             segments.append(SegmentResult(number, label, mask, algorithm))
             findings.extend(found)
         classifications = []
-        if self.classification is not None:
-            same = self.classification.card.preprocessing == card.preprocessing
-            classifications = classify_volume(
-                self.classification, volume, prepared if same else None
-            )
+        if self.classification is not None and per_slice is not None:
+            classifications = aggregate(self.classification, per_slice)
         log.info(
             "pipeline %s: %d finding(s) on %d slices", card.name, len(findings), volume.shape[0]
         )
@@ -183,6 +186,58 @@ class LesionPipeline:
             classifications=tuple(classifications),
             algorithm=self.algorithm,
         )
+
+    def infer(
+        self, volume: Volume
+    ) -> tuple[list[npt.NDArray[np.bool_]], npt.NDArray[np.float32] | None]:
+        """The thresholded mask of each label (card order) and, with a classifier, its
+        per-slice probabilities (slices, channels).
+
+        The volume is streamed through both models in slabs
+        (:mod:`dicomnode.inference.slabs`), prepared once when their preprocessing is the
+        same; of the whole volume only the boolean masks are kept.
+        """
+        seg, cls = self.segmentation, self.classification
+        card = seg.card
+        shared = cls is not None and cls.card.preprocessing == card.preprocessing
+        size = slab_slices(seg.batch_size, *([cls.batch_size] if cls is not None else []))
+        context = card.input.context_slices
+        if cls is not None and shared:
+            context = max(context, cls.card.input.context_slices)
+        slabs = iter_slabs(
+            volume.pixels, volume.pixel_spacing, card.preprocessing, slices=size, context=context
+        )
+        others = None
+        if cls is not None and not shared:
+            others = iter_slabs(
+                volume.pixels,
+                volume.pixel_spacing,
+                cls.card.preprocessing,
+                slices=size,
+                context=cls.card.input.context_slices,
+            )
+        masks = [np.zeros(volume.shape, dtype=bool) for _ in card.labels]
+        per_slice = []
+        for slab in slabs:
+            probs = seg.segment_slab(slab)
+            for mask, label in zip(masks, card.labels, strict=True):
+                _threshold_into(mask, slab.start, probs[label.index], label.threshold)
+            del probs
+            if cls is not None:
+                per_slice.append(cls.classify_slab(slab if others is None else next(others)))
+        return masks, np.concatenate(per_slice) if per_slice else None
+
+
+def _threshold_into(
+    mask: npt.NDArray[np.bool_], start: int, probs: npt.NDArray[np.float32], threshold: float
+) -> None:
+    """``mask[start:start + len(probs)] = probs >= threshold``, writing only the slices
+    that have a voxel at or above it: the rest of the mask (made by ``np.zeros``) stays
+    untouched pages that take no memory."""
+    hit = probs >= threshold
+    rows = np.flatnonzero(hit.reshape(len(hit), -1).any(axis=1))
+    if len(rows):
+        mask[start + rows] = hit[rows]
 
 
 class LesionKind:
