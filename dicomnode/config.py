@@ -190,9 +190,23 @@ class HttpSettings:
 
 @dataclass(frozen=True, config=STRICT)
 class CompletenessSettings:
+    """When a study is complete: ``quiet_period_s`` without new instances, or as soon as
+    the node holds every instance its sender counts (``ask_sender``)."""
+
     quiet_period_s: Positive = 30.0
     late_arrivals: Literal["rerun", "ignore"] = "rerun"
     poll_interval_s: Positive = 0.5
+    ask_sender: Annotated[
+        bool,
+        Field(
+            description="ask a sender that is a configured remote how many instances the "
+            "study holds (C-FIND) and complete the study once they are all in"
+        ),
+    ] = True
+    lull_s: Annotated[
+        float,
+        Field(gt=0, description="a pause in arrivals after which the sender is asked again"),
+    ] = 2.0
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -36,7 +36,7 @@ from dicomnode.db import Database
 from dicomnode.delivery.deliverer import Deliverer
 from dicomnode.delivery.store import Outbox
 from dicomnode.errors import DicomNodeError
-from dicomnode.jobs.scheduler import Scheduler
+from dicomnode.jobs.scheduler import Scheduler, SenderCounts
 from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import job_folder, results_root
@@ -92,7 +92,12 @@ class Node:
             config.node, self.spool, audit=self.audit, catalog=self.catalog, remotes=config.remotes
         )
         self.scheduler = Scheduler(
-            self.index, self.jobs, config.routes, config.completeness.quiet_period_s, self.audit
+            self.index,
+            self.jobs,
+            config.routes,
+            config.completeness.quiet_period_s,
+            self.audit,
+            counts=self._sender_counts(),
         )
         self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
         self.scp.observer = self.metrics
@@ -108,6 +113,20 @@ class Node:
     @property
     def port(self) -> int:
         return self.scp.port
+
+    def _sender_counts(self) -> SenderCounts | None:
+        """Completion by count: ask the senders that are configured remotes (``ask_sender``)."""
+        completeness = self.config.completeness
+        if not completeness.ask_sender or not self.config.remotes:
+            return None
+        return SenderCounts(
+            self.index,
+            self.config.remotes,
+            self.config.node.ae_title,
+            completeness.lull_s,
+            self.config.node.tls,
+            audit=self.audit,
+        )
 
     def _job_state(self, job_id: int) -> str | None:
         """A job's state, shown by Query/Retrieve as its results' processing state."""
@@ -288,6 +307,7 @@ class Node:
                 p.kill()
         for t in self._threads:
             t.join(timeout)
+        self.scheduler.close()
         self.deliverer.shutdown()
         log.info("stopped; queued work stays in %s", self.db.path)
 

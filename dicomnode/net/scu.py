@@ -1,4 +1,5 @@
-"""C-STORE / C-ECHO SCU: sends files to a remote AE on one association per batch.
+"""C-STORE / C-ECHO / C-FIND SCU: sends files to a remote AE on one association per batch,
+and asks a remote how many instances a study holds (:func:`count_study_instances`).
 
 A warning status (PS3.7 Annex C: 0x0001, 0x0107, 0x0116, 0xBxxx) means the peer stored the
 file: its :class:`SendResult` is ok, and one warning line names the status and its meaning.
@@ -18,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from dicomnode.errors import DeliveryError
 from dicomnode.net import patches, status
@@ -203,3 +208,71 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return results
+
+
+@dataclass(frozen=True)
+class StudyCount:
+    """A peer's answer to "how many instances does this study hold?".
+
+    ``instances`` is its NumberOfStudyRelatedInstances, or None with ``problem`` saying
+    why not; ``refused`` is True when the peer did not take the question (no association,
+    C-FIND not accepted, a failure status, no answer in time): ask it again only later."""
+
+    instances: int | None
+    problem: str = ""
+    refused: bool = False
+
+
+def _study_count(identifier: Dataset | None) -> int | None:
+    """NumberOfStudyRelatedInstances of a pending C-FIND answer (None: not given)."""
+    value = None if identifier is None else identifier.get("NumberOfStudyRelatedInstances")
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def count_study_instances(peer: Peer, calling_ae: str, study_uid: str) -> StudyCount:
+    """Ask ``peer`` how many instances the study holds: a Study Root C-FIND at STUDY level
+    for ``study_uid`` returning NumberOfStudyRelatedInstances (PS3.4 C.6.2.1.2, C.3.4).
+
+    Never raises for the peer's or the network's sake: every way the question can go
+    unanswered comes back as a :class:`StudyCount` without ``instances``."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.NumberOfStudyRelatedInstances = None
+    model = StudyRootQueryRetrieveInformationModelFind
+    # Verification too: a storage-only peer then accepts the association and the answer
+    # says that C-FIND was not accepted (with no context accepted pynetdicom aborts).
+    syntaxes = [str(ts) for ts in UNCOMPRESSED]
+    contexts = {str(model): syntaxes, str(Verification): syntaxes}
+    try:
+        assoc = _associate(peer, calling_ae, contexts)
+    except DeliveryError as exc:
+        return StudyCount(None, str(exc), refused=True)
+    except OSError as exc:  # a TLS handshake or socket error before the association
+        return StudyCount(None, f"cannot associate with {peer.ae_title}: {exc}", refused=True)
+    counts: list[int | None] = []
+    try:
+        if not any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
+            return StudyCount(None, "Study Root C-FIND not accepted", refused=True)
+        for answer, identifier in assoc.send_c_find(query, model):
+            code = int(answer.Status) if "Status" in answer else None
+            if code is None:
+                return StudyCount(None, "no C-FIND response in time", refused=True)
+            if status.category(code) == "Pending":
+                counts.append(_study_count(identifier))
+            elif code != status.SUCCESS:
+                return StudyCount(None, f"C-FIND failed: {status.describe(code)}", refused=True)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    given = [c for c in counts if c]
+    if given:
+        return StudyCount(max(given))
+    if 0 in counts:  # nothing of it stored there (yet)
+        return StudyCount(None, "it counts 0 instances of the study")
+    if counts:  # it knows the study but does not count: asking again will not help
+        return StudyCount(None, "no NumberOfStudyRelatedInstances in the answer", refused=True)
+    return StudyCount(None, "the study is not known there (no match)")

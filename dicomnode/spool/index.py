@@ -172,6 +172,20 @@ class Index:
         )
         return [self._instance(r) for r in rows]
 
+    def instance_count(self, study_uid: str, conn: sqlite3.Connection | None = None) -> int:
+        """How many distinct instances (SOP Instance UIDs, any version, driving or not) of
+        a study the node holds: what a sender's NumberOfStudyRelatedInstances counts."""
+        row = (
+            (conn or self.db.connect())
+            .execute(
+                "SELECT COUNT(DISTINCT sop_instance_uid) FROM instances "
+                "WHERE study_instance_uid = ?",
+                (study_uid,),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
     def add_instance(self, new: NewInstance, *, rerun_late: bool) -> None:
         """Index an instance and note the activity on its study, in one transaction.
 

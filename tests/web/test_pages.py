@@ -78,6 +78,7 @@ def test_a_study_flows_through_the_pages(
         # and the study page shows the SR's findings, key slices and every attempt
         study = page(node, f"/studies/{study_uid}")
         assert "Volume" in study and "Tracking ID" in study
+        assert "completed after the 1 s quiet period" in study  # the PACS does not count
         slices = re.findall(r'src="(/jobs/\d+/slices/[^"]+\.png)"', study)
         assert slices
         status, png, headers = request(node, urllib.parse.unquote(slices[0]))
