@@ -244,6 +244,7 @@ def run_jobs(config: Config, stop: threading.Event, observer: JobObserver | None
     """Open the stores and a study processor, and run jobs until ``stop`` is set."""
     ctx = WorkerContext.open(config)
     processor = TimedProcessor(config, observer or NullJobObserver())
+    processor.warm_up()
 
     def process(job: Job, names: list[str]) -> JobOutcome:
         started = time.monotonic()

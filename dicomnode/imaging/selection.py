@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -82,12 +82,15 @@ class StackChoice:
     processed.  ``left_out``: (reason, count) pairs.  ``frames``: for each path, the
     1-based frame numbers taken from a multi-frame instance, in slice order; () for a
     single-frame instance (and when not known: :func:`load_stack` then selects again).
+    ``headers``: for each path, its header as read for the choice (no pixel data), so that
+    the SEG and SR need not read them again; () when not known.
     """
 
     paths: tuple[Path, ...]
     note: str
     left_out: tuple[tuple[str, int], ...]
     frames: tuple[tuple[int, ...], ...] = ()
+    headers: tuple[Dataset, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,10 @@ def select_stack(paths: Sequence[Path]) -> StackChoice:
         raise ImagingError("cannot build a volume from an empty series")
     frames: list[FrameHeader] = []
     left: list[_LeftOut] = []
+    headers: list[Dataset] = []
     for index, path in enumerate(paths):
         ds = read_header(path)
+        headers.append(ds)
         try:
             reason = left_out_reason(ds)
             if reason is not None:
@@ -198,6 +203,7 @@ def select_stack(paths: Sequence[Path]) -> StackChoice:
         note=note,
         left_out=tuple(reasons.items()),
         frames=tuple(by_source[s] for s in sources),
+        headers=tuple(headers[s] for s in sources),
     )
 
 

@@ -17,7 +17,7 @@ be one regular stack.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -224,12 +224,14 @@ def load_volume(paths: Sequence[Path]) -> Volume:
     return load_stack(select_stack(paths))
 
 
-def source_datasets(volume: Volume) -> list[Dataset]:
+def source_datasets(volume: Volume, known: Mapping[Path, Dataset] | None = None) -> list[Dataset]:
     """The headers of the volume's source instances, each once, in slice order.
 
     One dataset per slice for a single-frame series, the one instance of an enhanced
     image: what :func:`dicomnode.outputs.seg.build_segmentation` and
     :func:`dicomnode.outputs.sr.build_measurement_report` take as ``source_datasets``.
+    ``known`` maps paths to headers already read (a :class:`StackChoice`'s ``headers``);
+    the others are read from their files.
 
     Raises
     ------
@@ -238,4 +240,8 @@ def source_datasets(volume: Volume) -> list[Dataset]:
     """
     if not volume.source_paths:
         raise ImagingError("the volume has no source paths (it was built from datasets)")
-    return [read_header(path) for path in dict.fromkeys(volume.source_paths)]
+    known = known or {}
+    return [
+        known[path] if path in known else read_header(path)
+        for path in dict.fromkeys(volume.source_paths)
+    ]
