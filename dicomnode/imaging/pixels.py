@@ -31,6 +31,10 @@ _NATIVE_LITTLE_ENDIAN = frozenset(
     {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
+
+#: A rescaled frame: exact int16 where the rescale allows, float32 otherwise.
+Frame = npt.NDArray[np.int16] | npt.NDArray[np.float32]
 
 
 def _native_pixels(ds: Dataset, index: int) -> npt.NDArray[np.integer] | None:
@@ -84,11 +88,13 @@ def _decoded(
         raise _decode_error(ds, label, exc) from exc
 
 
-def iter_frames(ds: Dataset, headers: Sequence[FrameHeader]) -> Iterator[npt.NDArray[np.float32]]:
+def iter_frames(ds: Dataset, headers: Sequence[FrameHeader]) -> Iterator[Frame]:
     """The frames ``headers`` of ``ds``, rescaled, one at a time, in ``headers``' order.
 
-    Each frame is yielded in the same float32 buffer, overwritten by the next one: copy
-    what is to be kept before asking for the next frame.
+    A frame whose rescale is an integer one (slope 1, whole intercept) into int16's range
+    comes as int16, exact and without a trip through float32; any other as float32, in
+    the same buffer, overwritten by the next frame: copy what is to be kept before asking
+    for the next one.
 
     Raises
     ------
@@ -109,7 +115,8 @@ def iter_frames(ds: Dataset, headers: Sequence[FrameHeader]) -> Iterator[npt.NDA
         else:
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            _rescale_into(stored, slope, intercept, headers[0].label, out)
+            yield _rescaled(stored, slope, intercept, headers[0].label, out)
+            return
         yield out
         return
     native = [_native_pixels(ds, h.frame - 1) for h in headers]
@@ -119,8 +126,7 @@ def iter_frames(ds: Dataset, headers: Sequence[FrameHeader]) -> Iterator[npt.NDA
         assert stored is not None
         _check_shape(stored, out, header.label)
         slope, intercept = header.rescale or (1.0, 0.0)
-        _rescale_into(stored, slope, intercept, header.label, out)
-        yield out
+        yield _rescaled(stored, slope, intercept, header.label, out)
 
 
 def _check_shape(stored: npt.NDArray[np.integer], out: npt.NDArray[np.float32], label: str) -> None:
@@ -129,6 +135,41 @@ def _check_shape(stored: npt.NDArray[np.integer], out: npt.NDArray[np.float32], 
             f"{label}: pixel array {'x'.join(map(str, stored.shape))} does not match "
             f"Rows/Columns {'x'.join(map(str, out.shape))}"
         )
+
+
+def _rescaled(
+    stored: npt.NDArray[np.integer],
+    slope: float,
+    intercept: float,
+    label: str,
+    buffer: npt.NDArray[np.float32],
+) -> Frame:
+    """``stored * slope + intercept``: exact int16 where it can be, else in ``buffer``."""
+    exact = _exact_int16(stored, slope, intercept)
+    if exact is not None:
+        return exact
+    _rescale_into(stored, slope, intercept, label, buffer)
+    return buffer
+
+
+def _exact_int16(
+    stored: npt.NDArray[np.integer], slope: float, intercept: float
+) -> npt.NDArray[np.int16] | None:
+    """``stored + intercept`` as int16 when slope is 1, the intercept whole and every value
+    in int16's range (CT's Hounsfield units); None otherwise."""
+    if slope != 1.0 or not intercept.is_integer() or stored.dtype.kind not in "iu":
+        return None
+    if stored.dtype.itemsize > 2:
+        return None
+    shift = int(intercept)
+    low, high = int(stored.min()), int(stored.max())
+    # Values above 32767 (unsigned) would wrap in the int16 copy before the shift.
+    if high > INT16_MAX or low + shift < INT16_MIN or high + shift > INT16_MAX:
+        return None
+    out = stored.astype(np.int16)
+    if shift:
+        out += np.int16(shift)
+    return out
 
 
 def _rescale_into(

@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import ImagingError
 from dicomnode.imaging.headers import FrameHeader, is_multiframe, read_frames
-from dicomnode.imaging.pixels import iter_frames
+from dicomnode.imaging.pixels import Frame, iter_frames
 from dicomnode.imaging.selection import UNREADABLE, StackChoice, read_header, select_stack
 from dicomnode.imaging.stack import check_consistent, stack_geometry
 from dicomnode.imaging.volume import Pixels, Volume
@@ -106,11 +106,11 @@ class _VolumeBuilder:
             ) from exc
         self.headers.extend(headers)
 
-    def _store(self, index: int, frame: npt.NDArray[np.float32]) -> None:
+    def _store(self, index: int, frame: Frame) -> None:
         """``pixels[index] = frame``; the first frame int16 cannot hold exactly (a fraction,
         a value out of its range, NaN) turns the whole volume into float32, once."""
         assert self.pixels is not None
-        if self.pixels.dtype == np.int16:
+        if self.pixels.dtype == np.int16 and frame.dtype != np.int16:
             with np.errstate(invalid="ignore"):  # NaN or out of range: caught just below
                 compact = frame.astype(np.int16)
             if np.array_equal(compact, frame):

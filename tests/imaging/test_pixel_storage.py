@@ -66,3 +66,22 @@ def test_one_slice_that_needs_float_turns_the_whole_volume_to_float32() -> None:
     expected = phantom.hu.copy()
     expected[-1] -= 0.5
     np.testing.assert_array_equal(volume.pixels, expected)
+
+
+def test_full_range_unsigned_data_shifted_into_int16_stays_exact() -> None:
+    # Given 16-bit unsigned slices using all of 0..65535, with an intercept of -32768
+    phantom = generate_phantom(SMALL)
+    stored = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)
+    for ds in phantom.datasets:
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.PixelData = stored.tobytes()
+        ds.RescaleIntercept = DSfloat(-32768, auto_format=True)
+
+    # When built
+    volume = volume_from_datasets(phantom.datasets)
+
+    # Then every value is int16's, exactly (no wrap-around on the way)
+    assert volume.pixels.dtype == np.int16
+    expected = stored.astype(np.int32) - 32768
+    for k in range(volume.shape[0]):
+        np.testing.assert_array_equal(volume.pixels[k], expected)
