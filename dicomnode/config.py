@@ -322,6 +322,8 @@ class PipelineSettings:
     providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = ("cuda", "cpu")
     tensorrt: bool = False
     triage: tuple[TriageRule, ...] = ()
+    #: Leave the empty frames out of the SEG (outputs/seg.py says when that is safe).
+    omit_empty_frames: bool = False
 
 
 #: Request priorities of a study, most pressing first (DICOM Requested Procedure Priority).

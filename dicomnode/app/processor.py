@@ -169,8 +169,15 @@ class Processor:
         priority = evaluate_triage(rules, result) if rules else None
         sources = source_datasets(volume, dict(zip(choice.paths, choice.headers, strict=False)))
         previous = [dcmread(p, stop_before_pixels=True) for p in previous_reports if p.is_file()]
+        omit = self.config.pipeline(pipeline).omit_empty_frames
         seg = (
-            build_segmentation(result, sources, uid_seed=uid_seed, instance_number=generation)
+            build_segmentation(
+                result,
+                sources,
+                uid_seed=uid_seed,
+                instance_number=generation,
+                omit_empty_frames=omit,
+            )
             if result.segments
             else None
         )

