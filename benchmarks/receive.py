@@ -1,15 +1,25 @@
-"""Receive rate: dicomnode's SCP against dcmtk storescp, both fed by dcmtk storescu.
+"""Receive rate: dicomnode's SCP against dcmtk storescp and Orthanc, all fed by dcmtk storescu.
 
-Prints instances/s per run (min/median/max over --repeat runs) and the ratio to storescp
-measured in the same run.  Both sides have TCP_NODELAY (dcmtk via TCP_NODELAY=1).
+Prints instances/s per receiver (min/median/max over --repeat rounds) and the ratios of
+dicomnode to storescp and to Orthanc, measured round by round in the same run (the
+receivers take turns, so a noisy neighbour hits all of them alike).  Every receiver has
+TCP_NODELAY (dcmtk and Orthanc via TCP_NODELAY=1).  With several associations, storescp
+runs with ``--fork`` (one process per association).
 
-    .venv/bin/python benchmarks/receive.py --slices 300 --size 512 --repeat 3
+What each one promises when it answers 0x0000: storescp has written the file (no fsync);
+Orthanc has written the file and committed its SQLite index; dicomnode has the instance in
+its fsynced receive log (the spool file and index row follow, synced at the next
+checkpoint; docs/performance.md).  dicomnode runs as ``serve`` does, its receive log's
+pool of 64 MiB segments ready, as on a node that has been receiving for a while.
+
+    .venv/bin/python benchmarks/receive.py --slices 300 --size 512 --repeat 5
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -17,6 +27,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from dicomnode.config import NodeSettings
@@ -35,7 +47,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -68,17 +80,10 @@ def run_storescp(files: list[Path], work: Path, associations: int) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    args = [
-        "storescp",
-        "-aet",
-        "STORESCP",
-        "-od",
-        str(out),
-        "--fork" if associations > 1 else "",
-        str(port),
-    ]
+    args = ["storescp", "-aet", "STORESCP", "-od", str(out)]
+    args += ["--fork"] if associations > 1 else []
     proc = subprocess.Popen(
-        [a for a in args if a], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*args, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         wait_port(port)
@@ -89,19 +94,78 @@ def run_storescp(files: list[Path], work: Path, associations: int) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_orthanc(files: list[Path], work: Path, associations: int) -> float:
+    folder = work / "orthanc"
+    folder.mkdir()
+    dicom, http = free_port(), free_port()
+    config = {
+        "Name": "benchmark",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "StorageCompression": False,
+        "HttpPort": http,
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom,
+        "DicomCheckCalledAet": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+        "DicomThreadsCount": max(4, associations),
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        ["Orthanc", str(folder / "config.json")], cwd=folder, env=ENV, stdout=log, stderr=log
+    )
+    try:
+        wait_port(dicom)
+        wait_port(http)
+        elapsed = storescu(dicom, "ORTHANC", files, associations)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics") as r:
+            stored = json.load(r)["CountInstances"]
+        assert stored == len(files), f"Orthanc holds {stored} of {len(files)} instances"
+        return elapsed
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_node(files: list[Path], work: Path, associations: int) -> float:
     data = work / "node"
-    settings = dataclasses.replace(NodeSettings(), port=0, data_dir=data, min_free_disk_mb=10)
+    settings = dataclasses.replace(
+        NodeSettings(), port=0, data_dir=data, min_free_disk_mb=10, max_associations=16
+    )
     index = Index(Database(data))
-    scp = StorageSCP(settings, Spool(data, index, min_free_bytes=10 * 2**20))
+    spool = Spool(data, index, min_free_bytes=10 * 2**20)
+    spool.receive_log().preallocate()  # the segments of a node that has been receiving
+    scp = StorageSCP(settings, spool)
     scp.start()
     try:
         elapsed = storescu(scp.port, settings.ae_title, files, associations)
         assert scp.counters.stored == len(files), scp.counters
+        assert scp.fast is not None and scp.fast.served == associations
         return elapsed
     finally:
         scp.stop()
+        spool.close()
+        index.db.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+RECEIVERS: dict[str, Callable[[list[Path], Path, int], float]] = {
+    "storescp": run_storescp,
+    "orthanc": run_orthanc,
+    "dicomnode": run_node,
+}
+
+
+def line(name: str, values: list[float], unit: str, fmt: str = "7.0f") -> str:
+    return (
+        f"{name:28} {unit} min {min(values):{fmt}}  median {statistics.median(values):{fmt}}"
+        f"  max {max(values):{fmt}}"
+    )
 
 
 def main() -> None:
@@ -110,7 +174,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--without", nargs="*", default=[], choices=list(RECEIVERS))
     args = ap.parse_args()
+    receivers = {k: v for k, v in RECEIVERS.items() if k not in args.without}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
         work = Path(tmp)
         spec = PhantomSpec(rows=args.size, columns=args.size, slices=args.slices, n_lesions=3)
@@ -118,23 +184,19 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 2**20
         print(
             f"{len(files)} instances of {args.size}x{args.size} ({mb:.0f} MiB), "
-            f"{args.repeat} runs each, loopback, TCP_NODELAY on both sides"
+            f"{args.repeat} rounds, loopback, TCP_NODELAY everywhere, {os.cpu_count()} CPUs"
         )
         for assoc in args.associations:
-            rates: dict[str, list[float]] = {"storescp": [], "dicomnode": []}
+            rates: dict[str, list[float]] = {name: [] for name in receivers}
             for _ in range(args.repeat):
-                rates["storescp"].append(len(files) / run_storescp(files, work, assoc))
-                rates["dicomnode"].append(len(files) / run_node(files, work, assoc))
-            ratios = [n / s for n, s in zip(rates["dicomnode"], rates["storescp"], strict=True)]
+                for name, run in receivers.items():
+                    rates[name].append(len(files) / run(files, work, assoc))
             for name, r in rates.items():
-                print(
-                    f"  {assoc} assoc  {name:10} instances/s min {min(r):7.0f}  "
-                    f"median {statistics.median(r):7.0f}  max {max(r):7.0f}"
-                )
-            print(
-                f"  {assoc} assoc  ratio dicomnode/storescp min {min(ratios):.2f}  "
-                f"median {statistics.median(ratios):.2f}  max {max(ratios):.2f}"
-            )
+                print(line(f"{assoc} assoc  {name}", r, "instances/s"))
+            for peer in ("storescp", "orthanc"):
+                if peer in rates and "dicomnode" in rates:
+                    ratios = [n / p for n, p in zip(rates["dicomnode"], rates[peer], strict=True)]
+                    print(line(f"{assoc} assoc  dicomnode/{peer}", ratios, "ratio      ", "7.2f"))
 
 
 if __name__ == "__main__":

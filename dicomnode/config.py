@@ -146,6 +146,24 @@ class NodeSettings:
     audit_log: ConfigPath | None = None
     retention_days: NonNegative = 0.0
     tls: TlsSettings = field(default_factory=TlsSettings)
+    fast_receive: Annotated[
+        bool,
+        Field(
+            description="serve plain storage associations with the node's own upper layer "
+            "(net/ul.py); false: pynetdicom serves every association"
+        ),
+    ] = True
+    max_instance_mb: Annotated[
+        int, Field(ge=1, description="larger instances are refused with 0xA700")
+    ] = 1024
+    receivers: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="processes receiving on the port (SO_REUSEPORT), sharing spool and index",
+        ),
+    ] = 1
 
     @model_validator(mode="after")
     def _pdu(self) -> NodeSettings:

@@ -1,7 +1,9 @@
 """The node's SQLite database: connections, transactions and the versioned schema.
 
 One file, ``data_dir/index.sqlite3``, in WAL mode with ``synchronous=FULL``: a committed
-row survives a crash or power loss before the C-STORE response goes out.  Each thread or
+row survives a crash or power loss.  The receive path alone commits with
+``synchronous=NORMAL``; what it records is in the fsynced receive log until the next
+checkpoint (:mod:`dicomnode.spool.journal`).  Each thread or
 process opens its own connection (:meth:`Database.connect`).
 
 This module runs no query of its own on the node's data.  Each table has one owner that
@@ -238,6 +240,17 @@ def _v6_first_delivery(conn: sqlite3.Connection, data_dir: Path) -> None:
         )
 
 
+def _v7_receive_log(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """The receive log's checkpoints (a durable commit there syncs the WAL, which makes
+    the receive path's ``synchronous=NORMAL`` commits durable), and instances by arrival
+    time (recovery checks those indexed since the oldest log segment left)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS receive_checkpoints ("
+        "owner TEXT PRIMARY KEY, checkpointed_at REAL NOT NULL, instances INTEGER NOT NULL)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at)")
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
@@ -246,6 +259,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v4_job_priorities,
     _v5_query_attributes,
     _v6_first_delivery,
+    _v7_receive_log,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -279,16 +293,27 @@ class Database:
             self._local.conn = None
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error)."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
+
+        ``durable=False`` commits with ``synchronous=NORMAL``: the commit survives a crash
+        of the process but not a power cut until the next durable commit of any
+        connection syncs the WAL.  Only the receive path uses it, where the receive log
+        (:mod:`dicomnode.spool.journal`) holds what the commit records until then."""
         conn = self.connect()
-        conn.execute("BEGIN IMMEDIATE")
+        if not durable:
+            conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
 
     @property
     def version(self) -> int:

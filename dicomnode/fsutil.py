@@ -26,12 +26,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(
-    final: Path, write: Callable[[BinaryIO], object], tmp_dir: Path | None = None
+    final: Path,
+    write: Callable[[BinaryIO], object],
+    tmp_dir: Path | None = None,
+    *,
+    durable: bool = True,
 ) -> Path:
     """Write ``final`` through ``write(file)``: temporary file, fsync, rename, fsync folder.
 
     The temporary file (``*.part``) lives in ``tmp_dir`` (same file system) or next to
-    ``final``; it is removed when anything fails.  Raises ``OSError``.
+    ``final``; it is removed when anything fails.  ``durable=False`` skips both fsyncs
+    (whole or absent after a crash of the process, not after a power cut: the caller
+    holds the bytes durably elsewhere and syncs later).  Raises ``OSError``.
     """
     folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,17 +46,30 @@ def write_atomically(
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
-        fsync_dir(folder)
+        if durable:
+            fsync_dir(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return final
 
 
-def write_bytes_atomically(final: Path, data: bytes, tmp_dir: Path | None = None) -> Path:
-    return write_atomically(final, lambda f: f.write(data), tmp_dir)
+def write_bytes_atomically(
+    final: Path, data: bytes | memoryview, tmp_dir: Path | None = None, *, durable: bool = True
+) -> Path:
+    return write_atomically(final, lambda f: f.write(data), tmp_dir, durable=durable)
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file's content durable (written earlier without a sync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_atomically(src: Path, folder: Path) -> Path:

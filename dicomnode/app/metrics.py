@@ -155,12 +155,17 @@ class NodeMetrics:
             self.execution_provider.labels(pipeline, model, provider).set(1)
 
     def apply(self, message: tuple[Any, ...]) -> None:
-        """Observe one message of a worker process (:class:`PipeJobObserver`)."""
+        """Observe one message of a worker or receiver process (:class:`PipeJobObserver`,
+        :class:`PipeReceiveObserver`)."""
         kind, *args = message
         if kind == "phase":
             self.phase(str(args[0]), str(args[1]), float(args[2]))
         elif kind == "provider":
             self.provider(str(args[0]), str(args[1]), str(args[2]))
+        elif kind == "instance":
+            self.instance(str(args[0]), str(args[1]), int(args[2]), int(args[3]))
+        elif kind == "association":
+            self.association(AssociationSummary(str(args[0]), "", outcome=str(args[1])))
 
     def drain(self, pipes: Callable[[], Iterable[Connection]], stop: threading.Event) -> None:
         """Observe worker messages until ``stop`` is set (run in a thread of the node).
@@ -202,6 +207,29 @@ class PipeJobObserver:
 
     def provider(self, pipeline: str, model: str, provider: str) -> None:
         self._send("provider", pipeline, model, provider)
+
+
+class PipeReceiveObserver:
+    """A receiver process's :class:`~dicomnode.net.scp.ReceiveObserver`: sends each
+    instance and association to the node's metrics."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()  # associations and the spooler send from threads
+
+    def _send(self, *message: object) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):  # the node is gone
+            self.conn.send(message)
+
+    def instance(self, calling_ae: str, outcome: str, size: int, status: int) -> None:
+        self._send("instance", calling_ae, outcome, size, status)
+
+    def ready(self, number: int) -> None:
+        """The receiver listens (the node waits for this at start)."""
+        self._send("ready", number)
+
+    def association(self, summary: AssociationSummary) -> None:
+        self._send("association", summary.calling_ae, summary.outcome)
 
 
 class NullJobObserver:

@@ -29,6 +29,7 @@ from types import FrameType
 from dicomnode.app.logformat import LogFormat
 from dicomnode.app.metrics import NodeMetrics
 from dicomnode.app.preflight import preflight
+from dicomnode.app.receiver import make_scp, make_spool, receiver_main
 from dicomnode.app.worker import run_jobs, worker_main
 from dicomnode.audit import AuditLog
 from dicomnode.config import Config
@@ -38,33 +39,15 @@ from dicomnode.delivery.store import Outbox
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.scheduler import Scheduler, SenderCounts
 from dicomnode.jobs.store import DONE, JobStore
-from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import job_folder, results_root
-from dicomnode.routing.select import explicit_sop_classes
-from dicomnode.spool.index import Index, InstanceHeader
+from dicomnode.spool.index import Index
 from dicomnode.spool.query import Catalog
-from dicomnode.spool.store import Spool
-from dicomnode.uids import is_image_storage, is_own_uid
 from dicomnode.web.app import WebContext, create_app
 from dicomnode.web.dicomweb import dicomweb_routes
 from dicomnode.web.pages import page_routes
 from dicomnode.web.server import HttpServer
 
 log = logging.getLogger(__name__)
-
-
-def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
-    """Which received instances drive processing: images, and the SOP classes a route asks
-    for by name; never the node's own results (its UID root).  Everything else is stored
-    and acknowledged only (docs/conformance.md)."""
-    explicit = explicit_sop_classes(config.routes)
-
-    def drives(header: InstanceHeader) -> bool:
-        if is_own_uid(header.sop_instance_uid):
-            return False
-        return header.sop_class_uid in explicit or is_image_storage(header.sop_class_uid)
-
-    return drives
 
 
 class Node:
@@ -80,17 +63,9 @@ class Node:
         self.jobs = JobStore(self.db, config.jobs)
         self.outbox = Outbox(self.db, self.jobs, config.delivery)
         self.audit = AuditLog(config.node.audit_path)
-        self.spool = Spool(
-            config.node.data_dir,
-            self.index,
-            min_free_bytes=config.node.min_free_disk_mb * 2**20,
-            rerun_late=config.completeness.late_arrivals == "rerun",
-            drives=driving_rule(config),
-        )
+        self.spool = make_spool(config, self.index)
         self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
-        self.scp = StorageSCP(
-            config.node, self.spool, audit=self.audit, catalog=self.catalog, remotes=config.remotes
-        )
+        self.scp = make_scp(config, self.spool, self.audit, self.catalog)
         self.scheduler = Scheduler(
             self.index,
             self.jobs,
@@ -101,9 +76,10 @@ class Node:
         )
         self.deliverer = Deliverer(config, self.outbox, audit=self.audit)
         self.scp.observer = self.metrics
-        self.scp.completes_after_s = config.completeness.quiet_period_s
         self.deliverer.observer = self.metrics
-        self._metric_pipes: dict[int, Connection] = {}
+        self._metric_pipes: dict[str, Connection] = {}
+        self._receivers: dict[int, BaseProcess] = {}
+        self._receivers_stopping = False
         self.http: HttpServer | None = None
         self._last_purge = 0.0
         self._stop = threading.Event()
@@ -137,16 +113,26 @@ class Node:
 
     def start(self) -> None:
         removed = self.spool.cleanup_tmp()
+        restored = self.spool.recover()
+        try:
+            self.spool.receive_log()  # its first segment is written now, not at the first store
+        except DicomNodeError as exc:  # a full disk: the stores say so (0xA700)
+            log.error("receive log: %s", exc)
         jobs, items = self.recover()
-        if removed or jobs or items:
+        if removed or restored or jobs or items:
             log.warning(
-                "recovered after an unclean stop: %d partial file(s) removed, %d job(s) "
-                "re-queued, %d outbox item(s) re-sent",
+                "recovered after an unclean stop: %d partial file(s) removed, %d instance(s) "
+                "restored from the receive log, %d job(s) re-queued, %d outbox item(s) re-sent",
                 removed,
+                restored,
                 jobs,
                 items,
             )
         self.scp.start()
+        for number in range(1, self.config.node.receivers):
+            self._receivers[number] = self._start_receiver(number)
+        for number in self._receivers:  # listening before the node says it has started
+            self._await_ready(number)
         if self.config.http.enabled:
             self.http = self._start_http()
         self._spawn_thread(self._housekeeping, "housekeeping")
@@ -154,7 +140,7 @@ class Node:
             self._spawn_thread(self._work_in_thread, "worker")
         for i in range(self.config.node.workers):
             self._workers.append(self._start_worker(i))
-        if self._workers:
+        if self._workers or self._receivers:
             self._spawn_thread(self._drain_metrics, "metrics")
 
     def _drain_metrics(self) -> None:
@@ -182,7 +168,7 @@ class Node:
             self.spool.check_space()
         except DicomNodeError as exc:
             reasons.append(str(exc))
-        dead = [p.name for p in self._workers if not p.is_alive()]
+        dead = [p.name for p in [*self._workers, *self._receivers.values()] if not p.is_alive()]
         if dead:
             reasons.append(f"worker(s) not running: {', '.join(dead)}")
         if self.config.node.workers == 0 and not any(
@@ -225,8 +211,46 @@ class Node:
         )
         p.start()
         writer.close()  # the worker holds the sending end: its death ends the pipe
-        self._metric_pipes[number] = reader
+        self._metric_pipes[f"worker-{number}"] = reader
         return p
+
+    def _start_receiver(self, number: int) -> BaseProcess:
+        """Receiver process ``number`` on the node's port (app/receiver.py)."""
+        context = mp.get_context("spawn")
+        reader, writer = context.Pipe(duplex=False)
+        p = context.Process(
+            target=receiver_main,
+            args=(self.config, number, self.port, os.getpid(), writer, self.log_format),
+            name=f"dicomnode-receiver-{number}",
+            daemon=False,
+        )
+        p.start()
+        writer.close()
+        self._metric_pipes[f"receiver-{number}"] = reader
+        return p
+
+    def _await_ready(self, number: int, timeout: float = 120.0) -> None:
+        pipe = self._metric_pipes[f"receiver-{number}"]
+        try:
+            if pipe.poll(timeout) and pipe.recv() == ("ready", number):
+                return
+        except (EOFError, OSError):
+            pass
+        raise DicomNodeError(f"receiver {number} did not start listening in {timeout:.0f} s")
+
+    def _check_receivers(self) -> None:
+        """A receiver that died is replaced; the new one replays its receive log first."""
+        for number, p in list(self._receivers.items()):
+            if p.is_alive() or self._stop.is_set() or self._receivers_stopping:
+                continue
+            log.error(
+                "receiver %s (pid %s) died with exit code %s; starting a new one",
+                p.name,
+                p.pid,
+                p.exitcode,
+            )
+            self.audit.record("receiver", outcome="died", pid=p.pid, exitcode=p.exitcode)
+            self._receivers[number] = self._start_receiver(number)
 
     def _check_workers(self) -> None:
         """A worker that died is replaced; the job it was running goes back to the queue."""
@@ -259,6 +283,7 @@ class Node:
                 self.scheduler.tick()
                 self.deliverer.run_once()
                 self._check_workers()
+                self._check_receivers()
                 self.purge_expired()
             except Exception:
                 log.exception("housekeeping failed; retrying")
@@ -293,7 +318,17 @@ class Node:
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful stop: no new associations, in-flight stores and jobs finish."""
         log.info("stopping: no new associations; finishing in-flight work")
+        self._receivers_stopping = True
+        for p in self._receivers.values():
+            if p.is_alive():
+                p.terminate()  # SIGTERM: stops accepting, finishes its associations
         self.scp.stop()
+        self.spool.close()
+        for p in self._receivers.values():
+            p.join(timeout)
+            if p.is_alive():
+                log.error("receiver %s did not stop in %.0f s; killing it", p.name, timeout)
+                p.kill()
         if self.http is not None:
             self.http.stop()
         self._stop.set()
@@ -312,7 +347,7 @@ class Node:
         log.info("stopped; queued work stays in %s", self.db.path)
 
     def kill_workers(self) -> None:
-        for p in self._workers:
+        for p in [*self._workers, *self._receivers.values()]:
             p.kill()
 
     def serve_forever(self) -> None:

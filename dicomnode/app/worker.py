@@ -145,7 +145,7 @@ def work(
             stop.wait(poll_s)
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Ask Linux to SIGKILL this process when the node process dies (no orphan worker may
     keep taking jobs next to a restarted node); checked again in case it died first."""
     try:
@@ -167,7 +167,7 @@ def worker_main(
     """Entry point of a worker process: run jobs until SIGTERM, finishing the current one.
 
     ``metrics`` is the sending end of the pipe the node reads job phases from."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     configure_logging(log_level, log_format, WORKER_FORMAT)
     stop = threading.Event()
 

@@ -22,8 +22,9 @@ import copy
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, evt
@@ -100,6 +101,24 @@ class NoDelayServer(ThreadedAssociationServer):
     #: listen() backlog; socketserver's default of 5 makes a burst of connections (a
     #: PACS opening one association per image, a flood) wait for SYN retransmits (1 s).
     request_queue_size = 128
+    #: Offered each accepted connection first (the receive fast path, :mod:`.ul`): True
+    #: when it served the connection, False to leave it to pynetdicom untouched.
+    divert: Callable[[socket.socket, tuple[str, int]], bool] | None = None
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # receivers in several processes share the port (app/receiver.py)
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        divert = self.divert
+        tls = isinstance(request, ssl.SSLSocket)
+        if divert is not None and not tls and divert(request, client_address):
+            self.shutdown_request(request)  # what pynetdicom's Association does at its end
+            return
+        super().finish_request(request, client_address)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -111,6 +130,12 @@ class NoDelayServer(ThreadedAssociationServer):
                 client, server_side=True, do_handshake_on_connect=False
             )
         return client, address
+
+
+class ReusePortServer(NoDelayServer):
+    """:class:`NoDelayServer` bound with ``SO_REUSEPORT``."""
+
+    reuse_port = True
 
 
 class ContextList(list[Any]):
@@ -155,11 +180,19 @@ def make_server(
     address: tuple[str, int],
     handlers: list[Any],
     ssl_context: Any = None,
+    divert: Callable[[socket.socket, tuple[str, int]], bool] | None = None,
+    reuse_port: bool = False,
 ) -> ThreadedAssociationServer:
-    """``ae.make_server`` with :class:`NoDelayServer`, cheap context copies, registered."""
+    """``ae.make_server`` with :class:`NoDelayServer`, cheap context copies, registered;
+    ``divert`` is offered every connection first (:attr:`NoDelayServer.divert`)."""
     server = ae.make_server(
-        address, evt_handlers=handlers, server_class=NoDelayServer, ssl_context=ssl_context
+        address,
+        evt_handlers=handlers,
+        server_class=ReusePortServer if reuse_port else NoDelayServer,
+        ssl_context=ssl_context,
     )
+    if divert is not None:
+        cast(NoDelayServer, server).divert = divert
     share_supported_contexts(server)
     register_server(ae, server)
     return server

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from dicomnode.audit import AuditLog
 from dicomnode.net import status
 from dicomnode.spool.index import InstanceHeader
-from dicomnode.spool.store import Spool, read_header
+from dicomnode.spool.journal import RecordBuffer
+from dicomnode.spool.store import Spool, StoreOutcome, read_header
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,61 @@ def receive_instance(
         sop_class_uid=header.sop_class_uid,
     )
     return Receipt(status.SUCCESS, outcome.value, header)
+
+
+def receive_logged(
+    spool: Spool,
+    audit: AuditLog,
+    buffer: RecordBuffer,
+    *,
+    calling_ae: str,
+    host: str,
+    via: str,
+    check: Check | None,
+    crc32: int,
+    spooled: Callable[[Receipt], None],
+) -> Receipt:
+    """The fast path's receive (:mod:`dicomnode.net.ul`): check, append to the receive log
+    and answer once the log sync covers the instance; the spool file and the index row
+    follow in the spool's thread, which writes the audit record and calls ``spooled``
+    with the outcome (stored, duplicate, new_version).  ``buffer`` (from
+    ``spool.buffers``) is the spool's from now on.  Never raises."""
+    header: InstanceHeader | None = None
+    try:
+        header = read_header(buffer.body)
+        refused = check(header) if check is not None else None
+        if refused is None:
+            pending = spool.log_instance(
+                buffer, calling_ae=calling_ae, calling_host=host, header=header, crc32=crc32
+            )
+    except Exception as exc:
+        spool.buffers.give(buffer)
+        return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
+    if refused is not None:
+        spool.buffers.give(buffer)
+        code, reason = refused
+        return _refuse(audit, via, calling_ae, host, code, reason, header)
+    known = header
+
+    def done(outcome: StoreOutcome) -> None:
+        audit.record(
+            "instance",
+            outcome=outcome.value,
+            status=status.SUCCESS,
+            calling_ae=calling_ae,
+            host=host,
+            sop_instance_uid=known.sop_instance_uid,
+            study_instance_uid=known.study_instance_uid,
+            sop_class_uid=known.sop_class_uid,
+        )
+        spooled(Receipt(status.SUCCESS, outcome.value, known))
+
+    spool.spool_later(pending, done)
+    try:
+        spool.wait_durable(pending)
+    except Exception as exc:
+        return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
+    return Receipt(status.SUCCESS, "logged", header)
 
 
 def _refuse(

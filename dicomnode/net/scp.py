@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,9 +29,11 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings, Remote
 from dicomnode.net import patches, status
 from dicomnode.net.qr import QueryRetrieveSCP
-from dicomnode.net.receive import receive_instance
+from dicomnode.net.receive import Check, Receipt, receive_instance, receive_logged
 from dicomnode.net.tls import server_context
+from dicomnode.net.ul import AssociateRequest, FastPath
 from dicomnode.spool.index import InstanceHeader
+from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool, StoreOutcome
 
@@ -99,8 +103,10 @@ class StorageSCP:
         *,
         catalog: Catalog | None = None,
         remotes: tuple[Remote, ...] = (),
+        reuse_port: bool = False,
     ) -> None:
         patches.check_pynetdicom()
+        self.reuse_port = reuse_port
         self.settings = settings
         self.spool = spool
         self.audit = audit or AuditLog(None)
@@ -111,10 +117,20 @@ class StorageSCP:
         )
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
-        self._associations: dict[int, AssociationSummary] = {}
+        self._associations: dict[object, AssociationSummary] = {}
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.ae = self._make_ae()
+        #: The receive fast path (:mod:`.ul`), off with TLS or ``fast_receive = false``.
+        self.fast: FastPath | None = None
+        if settings.fast_receive and not settings.tls.enabled:
+            self.fast = FastPath(
+                self,
+                max_pdu=settings.max_pdu,
+                max_instance_bytes=settings.max_instance_mb * 2**20,
+                timeout=settings.network_timeout_s,
+                acse_timeout=lambda: float(self.ae.acse_timeout or 30.0),
+            )
 
     def _make_ae(self) -> AE:
         s = self.settings
@@ -166,6 +182,8 @@ class StorageSCP:
             (self.settings.bind_address, self.settings.port),
             handlers,
             ssl_context=server_context(tls) if tls.enabled else None,
+            divert=self.fast.try_serve if self.fast is not None else None,
+            reuse_port=self.reuse_port,
         )
         stamp = datetime.now().strftime("%H%M%S")
         self._thread = threading.Thread(
@@ -188,6 +206,8 @@ class StorageSCP:
         server.shutdown()  # stops the accept loop; running associations keep going
         for assoc in list(server.active_associations):
             assoc.join(timeout=self.settings.network_timeout_s)
+        if self.fast is not None:
+            self.fast.wait_idle(self.settings.network_timeout_s)
         server.server_close()
         self._server = None
         log.info("SCP stopped")
@@ -203,73 +223,100 @@ class StorageSCP:
     def _handle_echo(self, event: Event) -> int:
         return status.SUCCESS
 
-    def _summary(self, event: Event) -> AssociationSummary:
-        requestor = event.assoc.requestor
-        with self._lock:
-            return self._associations.setdefault(
-                id(event.assoc),
-                AssociationSummary(str(requestor.ae_title).strip(), str(requestor.address)),
-            )
-
     def _handle_store(self, event: Event) -> int:
-        code, outcome, study = self._store(event)
-        summary = self._summary(event)
-        req: Any = event.request
-        size = len(req.DataSet.getvalue()) if req.DataSet is not None else 0
-        with self._lock:
-            summary.instances += 1
-            summary.bytes += size
-            summary.statuses[code] += 1
-            if study:
-                summary.studies.add(study)
-        if self.observer is not None:
-            self.observer.instance(summary.calling_ae, outcome, size, code)
-        return code
-
-    def _store(self, event: Event) -> tuple[int, str, str]:
-        """Check and spool one instance: (status, outcome, study UID or "")."""
         requestor = event.assoc.requestor
-        ae_title, host = str(requestor.ae_title).strip(), str(requestor.address)
-        if not self._caller_allowed(ae_title, host):
-            log.warning("C-STORE refused: %s at %s is not an allowed caller", ae_title, host)
-            self.audit.record(
-                "instance",
-                outcome="refused",
-                status=status.REFUSED_NOT_AUTHORIZED,
-                calling_ae=ae_title,
-                host=host,
-                reason="caller not allowed",
-            )
-            return status.REFUSED_NOT_AUTHORIZED, "refused", ""
         req: Any = event.request
-
-        def matches_request(header: InstanceHeader) -> tuple[int, str] | None:
-            if str(req.AffectedSOPInstanceUID) != header.sop_instance_uid:
-                return (
-                    status.ERROR_CANNOT_UNDERSTAND,
-                    "SOP Instance UID of the dataset differs from the C-STORE request",
-                )
-            if str(req.AffectedSOPClassUID) != header.sop_class_uid:
-                return (
-                    status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    "SOP class differs from the request",
-                )
-            return None
-
         try:
             encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # pynetdicom could not assemble the dataset's bytes
             encoded = b""
-            log.warning("C-STORE from %s: no dataset bytes: %s", ae_title, exc)
-        receipt = receive_instance(
-            self.spool,
-            self.audit,
+            log.warning("C-STORE: no dataset bytes: %s", exc)
+        code, _ = self.store(
+            event.assoc,
+            str(requestor.ae_title).strip(),
+            str(requestor.address),
+            str(req.AffectedSOPClassUID),
+            str(req.AffectedSOPInstanceUID),
             encoded,
-            calling_ae=ae_title,
-            host=host,
-            via=f"C-STORE from {ae_title}",
-            check=matches_request,
+            None,
         )
+        return code
+
+    # --- both paths: pynetdicom's associations and the fast path (:mod:`.ul`) ---------
+
+    def store(
+        self,
+        key: object,
+        calling_ae: str,
+        host: str,
+        sop_class: str,
+        sop_instance: str,
+        encoded: bytes | RecordBuffer,
+        crc32: int | None,
+        spooled: Callable[[], None] | None = None,
+    ) -> tuple[int, str]:
+        """Check, log or spool one instance and count it: (status, reason when refused).
+
+        A :class:`RecordBuffer` (the fast path, with its ``crc32``) is answered once the
+        receive log holds the instance; the spool file and index row follow (``spooled``
+        is called then).  Bytes are stored before the answer."""
+        size = len(encoded) if isinstance(encoded, bytes) else encoded.length
+        if not self._caller_allowed(calling_ae, host):
+            if not isinstance(encoded, bytes):
+                self.spool.buffers.give(encoded)
+            reason = "caller not allowed"
+            log.warning("C-STORE refused: %s at %s is not an allowed caller", calling_ae, host)
+            self.audit.record(
+                "instance",
+                outcome="refused",
+                status=status.REFUSED_NOT_AUTHORIZED,
+                calling_ae=calling_ae,
+                host=host,
+                reason=reason,
+            )
+            receipt = Receipt(status.REFUSED_NOT_AUTHORIZED, "refused", None, reason)
+        elif isinstance(encoded, bytes):
+            receipt = receive_instance(
+                self.spool,
+                self.audit,
+                encoded,
+                calling_ae=calling_ae,
+                host=host,
+                via=f"C-STORE from {calling_ae}",
+                check=_matches(sop_class, sop_instance),
+            )
+        else:
+
+            def done(result: Receipt) -> None:
+                self._counted(calling_ae, size, result)
+                if spooled is not None:
+                    spooled()
+
+            receipt = receive_logged(
+                self.spool,
+                self.audit,
+                encoded,
+                calling_ae=calling_ae,
+                host=host,
+                via=f"C-STORE from {calling_ae}",
+                check=_matches(sop_class, sop_instance),
+                crc32=zlib.crc32(encoded.body) if crc32 is None else crc32,
+                spooled=done,
+            )
+        if not receipt.ok or isinstance(encoded, bytes):
+            self._counted(calling_ae, size, receipt)
+        study = receipt.header.study_instance_uid if receipt.ok and receipt.header else ""
+        with self._lock:
+            summary = self._associations.setdefault(key, AssociationSummary(calling_ae, host))
+            summary.instances += 1
+            summary.bytes += size
+            summary.statuses[receipt.status] += 1
+            if study:
+                summary.studies.add(study)
+        return receipt.status, receipt.reason
+
+    def _counted(self, calling_ae: str, size: int, receipt: Receipt) -> None:
+        """The counters and the metrics, once the outcome is known."""
         with self._lock:
             if not receipt.ok:
                 self.counters.failed += 1
@@ -279,8 +326,83 @@ class StorageSCP:
                 self.counters.stored += 1
                 if receipt.outcome == StoreOutcome.NEW_VERSION.value:
                     self.counters.new_versions += 1
-        study = receipt.header.study_instance_uid if receipt.ok and receipt.header else ""
-        return receipt.status, receipt.outcome, study
+        if self.observer is not None:
+            self.observer.instance(calling_ae, receipt.outcome, size, receipt.status)
+
+    def refuse(
+        self, key: object, calling_ae: str, host: str, size: int, status_: int, reason: str
+    ) -> None:
+        """An instance refused before it reached the spool (over ``max_instance_mb``)."""
+        log.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, status_, reason)
+        self.audit.record(
+            "instance",
+            outcome="refused",
+            status=status_,
+            calling_ae=calling_ae,
+            host=host,
+            reason=reason,
+        )
+        self._counted(calling_ae, size, Receipt(status_, "refused", None, reason))
+        with self._lock:
+            summary = self._associations.setdefault(key, AssociationSummary(calling_ae, host))
+            summary.instances += 1
+            summary.bytes += size
+            summary.statuses[status_] += 1
+
+    def take_buffer(self) -> RecordBuffer:
+        return self.spool.buffers.take()
+
+    def give_buffer(self, buffer: RecordBuffer) -> None:
+        self.spool.buffers.give(buffer)
+
+    def admit(self, request: AssociateRequest, host: str) -> tuple[int, int, int, str] | None:
+        """The fast path's association checks, pynetdicom's order and answers."""
+        own = self.settings.ae_title
+        called, calling = request.called_ae, request.calling_ae
+        refusal: tuple[int, int, int, str] | None = None
+        if not self._caller_allowed(calling, host):
+            refusal = (1, 1, 3, f"calling AE title {calling!r} at {host} is not an allowed caller")
+        elif self.settings.require_called_ae and called != own:
+            refusal = (1, 1, 7, f"called AE title {called!r} is not this node's ({own!r})")
+        elif self._active_associations() > self.ae.maximum_associations:
+            limit = self.ae.maximum_associations
+            refusal = (2, 3, 2, f"too many associations (max_associations = {limit})")
+        if refusal is not None:
+            self._rejected(calling, host, called, refusal[3])
+        return refusal
+
+    def _active_associations(self) -> int:
+        server = self._server
+        slow = 0 if server is None else len(server.active_associations)
+        return slow + (self.fast.active if self.fast is not None else 0)
+
+    def association_event(self, key: object, calling_ae: str, host: str, outcome: str) -> None:
+        """An association accepted, released or aborted: audit, closing line, metrics."""
+        self.audit.record(
+            "association",
+            outcome=outcome,
+            calling_ae=calling_ae,
+            host=host,
+            tls=self.settings.tls.enabled,
+        )
+        if outcome == "accepted":
+            with self._lock:
+                self._associations.setdefault(key, AssociationSummary(calling_ae, host))
+            return
+        with self._lock:
+            summary = self._associations.pop(key, None)
+        if summary is None:  # ended twice (aborted after release), or never accepted
+            return
+        summary.outcome = outcome
+        line = summary.describe()
+        if summary.studies and self.completes_after_s is not None:
+            line += (
+                f"; {len(summary.studies)} study(ies) receiving, processed after "
+                f"{self.completes_after_s:g} s without new instances"
+            )
+        log.info("%s", line)
+        if self.observer is not None:
+            self.observer.association(summary)
 
     def _log_open(self, event: Event) -> None:
         """Runs before the association starts: install the host check and the guards
@@ -313,10 +435,11 @@ class StorageSCP:
         requestor = event.assoc.requestor
         called, reason = self._rejection_reason(event)
         with self._lock:
-            self._associations.pop(id(event.assoc), None)
-        summary = AssociationSummary(
-            str(requestor.ae_title).strip(), str(requestor.address), outcome="rejected"
-        )
+            self._associations.pop(event.assoc, None)
+        self._rejected(str(requestor.ae_title).strip(), str(requestor.address), called, reason)
+
+    def _rejected(self, calling_ae: str, host: str, called: str, reason: str) -> None:
+        summary = AssociationSummary(calling_ae, host, outcome="rejected")
         log.warning(
             "association from %s at %s to %s rejected: %s",
             summary.calling_ae,
@@ -342,30 +465,28 @@ class StorageSCP:
             "EVT_RELEASED": "released",
             "EVT_ABORTED": "aborted",
         }.get(event.event.name, event.event.name)
-        self.audit.record(
-            "association",
-            outcome=outcome,
-            calling_ae=str(requestor.ae_title).strip(),
-            host=requestor.address,
-            tls=self.settings.tls.enabled,
+        self.association_event(
+            event.assoc, str(requestor.ae_title).strip(), str(requestor.address), outcome
         )
-        if outcome == "accepted":
-            self._summary(event)
-            return
-        with self._lock:
-            summary = self._associations.pop(id(event.assoc), None)
-        if summary is None:  # ended twice (aborted after release), or never accepted
-            return
-        summary.outcome = outcome
-        line = summary.describe()
-        if summary.studies and self.completes_after_s is not None:
-            line += (
-                f"; {len(summary.studies)} study(ies) receiving, processed after "
-                f"{self.completes_after_s:g} s without new instances"
+
+
+def _matches(sop_class: str, sop_instance: str) -> Check:
+    """The check that the data set is the one its C-STORE request announced."""
+
+    def check(header: InstanceHeader) -> tuple[int, str] | None:
+        if sop_instance != header.sop_instance_uid:
+            return (
+                status.ERROR_CANNOT_UNDERSTAND,
+                "SOP Instance UID of the dataset differs from the C-STORE request",
             )
-        log.info("%s", line)
-        if self.observer is not None:
-            self.observer.association(summary)
+        if sop_class != header.sop_class_uid:
+            return (
+                status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP class differs from the request",
+            )
+        return None
+
+    return check
 
 
 class FolderSCP:

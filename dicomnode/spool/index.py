@@ -186,15 +186,17 @@ class Index:
         )
         return int(row[0])
 
-    def add_instance(self, new: NewInstance, *, rerun_late: bool) -> None:
+    def add_instance(self, new: NewInstance, *, rerun_late: bool, durable: bool = True) -> None:
         """Index an instance and note the activity on its study, in one transaction.
 
         A late instance for a complete or ignored study starts a new generation
         (``rerun_late``) or is only recorded.  Raises ``sqlite3.IntegrityError`` when the
-        version was indexed meanwhile by another process.
+        version was indexed meanwhile by another process.  ``durable=False``: the receive
+        log holds the instance until the next :meth:`checkpoint` (see
+        :meth:`dicomnode.db.Database.transaction`).
         """
         now = time.time()
-        with self.db.transaction() as conn:
+        with self.db.transaction(durable=durable) as conn:
             conn.execute(
                 """INSERT INTO instances (sop_instance_uid, version, sop_class_uid,
                    study_instance_uid, series_instance_uid, transfer_syntax_uid, path, sha256,
@@ -275,6 +277,42 @@ class Index:
             conn.execute(
                 "UPDATE studies SET last_received_at = ? WHERE study_instance_uid = ?",
                 (now, uid),
+            )
+
+    def checkpoint(self, owner: str, instances: int) -> None:
+        """A durable commit: syncs the WAL, so every earlier ``durable=False`` commit of any
+        connection is durable too (the receive log's checkpoint)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO receive_checkpoints (owner, checkpointed_at, instances) "
+                "VALUES (?, ?, ?)",
+                (owner, time.time(), instances),
+            )
+
+    def last_checkpoint(self, owners: set[str]) -> float:
+        """The oldest of these receive logs' last checkpoints (0: one never had one):
+        instances indexed since may not be durable yet."""
+        conn = self.db.connect()
+        times = []
+        for owner in owners:
+            row = conn.execute(
+                "SELECT checkpointed_at FROM receive_checkpoints WHERE owner = ?", (owner,)
+            ).fetchone()
+            times.append(float(row[0]) if row is not None else 0.0)
+        return min(times, default=0.0)
+
+    def instances_received_since(self, since: float) -> list[InstanceRecord]:
+        rows = self.db.connect().execute(
+            "SELECT * FROM instances WHERE received_at >= ? ORDER BY received_at", (since,)
+        )
+        return [self._instance(r) for r in rows]
+
+    def remove_instance(self, sop_instance_uid: str, version: int) -> None:
+        """Forget an instance whose file recovery found torn (it was never acknowledged)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM instances WHERE sop_instance_uid = ? AND version = ?",
+                (sop_instance_uid, version),
             )
 
     def touch_study(self, study_uid: str) -> None:

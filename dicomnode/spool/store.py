@@ -1,14 +1,14 @@
 """Durable storage of received instances: the only thing the C-STORE handler calls.
 
-:meth:`Spool.store` writes the bytes exactly as received (file meta + encoded dataset, no
-decoding) to a temporary file, fsyncs it, renames it into
-``spool/<study>/<series>/<sop>[.vN].dcm``, fsyncs the folder and records the instance in the
-index.  Only when all of that has succeeded does it return, and only then does the node
-answer 0x0000.
+:meth:`Spool.store` appends the bytes exactly as received (file meta + encoded dataset, no
+decoding) to the receive log (:mod:`dicomnode.spool.journal`), writes them to
+``spool/<study>/<series>/<sop>[.vN].dcm`` (temporary file, rename) and records the instance
+in the index while the log is fsynced.  Only when the log sync covers the instance does it
+return, and only then does the node answer 0x0000.
 
-Duplicate policy (same SOP Instance UID again): identical bytes are acknowledged and
-ignored; different bytes are kept as a new version (the newest version is the one
-processed) and logged.
+Duplicate policy (same SOP Instance UID again): the same data set (whatever its file meta)
+is acknowledged and ignored; a different one is kept as a new version (the newest version
+is the one processed) and logged.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import queue
 import re
 import shutil
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -31,8 +34,19 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
-from dicomnode.fsutil import remove_partial_files, write_bytes_atomically
-from dicomnode.spool.index import Index, InstanceHeader, NewInstance
+from dicomnode.fsutil import fsync_dir, fsync_file, remove_partial_files, write_bytes_atomically
+from dicomnode.spool.index import Index, InstanceHeader, InstanceRecord, NewInstance
+from dicomnode.spool.journal import (
+    LOG_DIR,
+    BufferPool,
+    LogRecord,
+    ReceiveLog,
+    RecordBuffer,
+    Segment,
+    owners,
+    read_segment,
+    segment_files,
+)
 from dicomnode.spool.structure import Structure, check_structure, split_file_meta
 from dicomnode.uids import is_image_storage, is_own_uid
 
@@ -69,7 +83,7 @@ class StoreOutcome(Enum):
     NEW_VERSION = "new_version"
 
 
-def read_header(encoded: bytes) -> InstanceHeader:
+def read_header(encoded: bytes | memoryview) -> InstanceHeader:
     """Check the structure of encoded bytes (file meta + dataset) and read the four UIDs.
 
     Nothing is decoded: the element headers are walked (:mod:`dicomnode.spool.structure`)
@@ -96,7 +110,7 @@ def read_header(encoded: bytes) -> InstanceHeader:
     return InstanceHeader(sop_class, sop_instance, study, series, ts)
 
 
-def _read_deflated_header(encoded: bytes, ts: str) -> InstanceHeader:
+def _read_deflated_header(encoded: bytes | memoryview, ts: str) -> InstanceHeader:
     """pydicom inflates and reads the header elements (no structure walk of the stream)."""
     try:
         ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
@@ -126,9 +140,14 @@ def _check_pixels(structure: Structure, sop_class: str) -> None:
             raise InvalidInstanceError(f"the dataset is a {name} without Pixel Data (truncated?)")
         return
     length = structure.pixel_data_length
+    if length is None:
+        return  # encapsulated (its fragments were walked)
+    simple = _simple_expected_length(structure)
+    if simple is not None and length >= simple:
+        return  # the common case, without building the module (receive fast path)
     module = _image_pixel_module(structure)
-    if length is None or module is None:
-        return  # encapsulated (its fragments were walked), or no image pixel module
+    if module is None:
+        return  # no image pixel module
     needed = _expected_length(module)
     if length < needed:
         raise InvalidInstanceError(
@@ -137,6 +156,28 @@ def _check_pixels(structure: Structure, sop_class: str) -> None:
             f"with {module.SamplesPerPixel} sample(s) of Bits Allocated {module.BitsAllocated} "
             f"need {needed}"
         )
+
+
+#: Photometric interpretations whose native pixel data is Rows x Columns x Samples x
+#: Frames x Bits Allocated / 8 (Bits Allocated 1 aside): no chroma subsampling.
+_PLAIN_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL"})
+
+
+def _simple_expected_length(structure: Structure) -> int | None:
+    """The expected native pixel length for plain layouts, None for anything else (then
+    pydicom's :func:`_expected_length` decides, with the module built)."""
+    try:
+        rows, columns, bits = (structure.unsigned(t) for t in _IMAGE_PIXEL_TAGS)
+        samples = structure.unsigned(_SAMPLES_PER_PIXEL) or 1
+        frames = max(1, int(structure.text(_NUMBER_OF_FRAMES) or 1))
+    except (InvalidInstanceError, ValueError):
+        return None
+    photometric = structure.text(_PHOTOMETRIC_INTERPRETATION)
+    if rows is None or columns is None or bits is None or photometric not in _PLAIN_PHOTOMETRIC:
+        return None
+    if bits % 8:
+        return None
+    return rows * columns * samples * frames * (bits // 8)
 
 
 def _image_pixel_module(structure: Structure) -> Dataset | None:
@@ -188,8 +229,35 @@ def drives_processing(header: InstanceHeader) -> bool:
     return is_image_storage(header.sop_class_uid) and not is_own_uid(header.sop_instance_uid)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An instance in the receive log, to be spooled (:meth:`Spool.spool_logged`); its
+    buffer goes back to ``pool`` once spooled."""
+
+    buffer: RecordBuffer
+    pool: BufferPool
+    header: InstanceHeader
+    calling_ae: str
+    calling_host: str
+    segment: Segment
+    ticket: int
+
+
+SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None]]
+#: Threads writing spool files and index rows behind the receive log.
+SPOOLER_THREADS = 2
+
+
 class Spool:
-    """Received instances on disk plus their index rows."""
+    """Received instances on disk plus their index rows.
+
+    A store appends the instance to the receive log (:mod:`dicomnode.spool.journal`),
+    writes the spool file and the index row while the log is being fsynced, and returns
+    once the log sync covers it: one durable write per instance, shared by concurrent
+    stores.  A checkpoint thread makes the spool files and the index durable every
+    ``checkpoint_interval_s`` and retires the log segments behind them; :meth:`recover`
+    replays what an unclean stop left in the log.  Call :meth:`close` at shutdown.
+    """
 
     def __init__(
         self,
@@ -199,14 +267,30 @@ class Spool:
         min_free_bytes: int,
         rerun_late: bool = True,
         drives: Callable[[InstanceHeader], bool] = drives_processing,
+        log_owner: str = "0",
+        checkpoint_interval_s: float = 1.0,
+        buffer_limit: int = 32,
     ) -> None:
+        self.data_dir = data_dir
         self.root = data_dir / SPOOL_DIR
         self.tmp = data_dir / "tmp"
         self.index = index
         self.min_free_bytes = min_free_bytes
         self.rerun_late = rerun_late
         self.drives = drives
+        self.log_owner = log_owner
+        self.checkpoint_interval_s = checkpoint_interval_s
         self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._log: ReceiveLog | None = None
+        self._log_lock = threading.Lock()
+        #: Buffers an instance is received into and logged from (bounded: back-pressure).
+        self.buffers = BufferPool(buffer_limit)
+        self._spoolers: dict[int, threading.Thread] = {}
+        self._queues: list[SpoolQueue] = [queue.Queue() for _ in range(SPOOLER_THREADS)]
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._checkpoint_lock = threading.Lock()
+        self._free_estimate, self._free_at = 0, 0.0
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
@@ -214,8 +298,18 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def check_space(self, incoming: int = 0) -> None:
-        free = self.free_bytes()
+        """Raise :class:`OutOfResourcesError` when ``incoming`` bytes would leave less than
+        the watermark free.  Far from the watermark the free space is estimated (asked of
+        the file system every 0.2 s), near it asked every time."""
+        now = time.monotonic()
+        estimate = self._free_estimate - incoming
+        if now - self._free_at > 0.2 or estimate < self.min_free_bytes + 256 * 2**20:
+            self._free_estimate, self._free_at = self.free_bytes(), now
+            estimate = self._free_estimate - incoming
+        free = estimate + incoming
+        self._free_estimate = estimate  # the instance's bytes are about to be written
         if free - incoming < self.min_free_bytes:
+            self._free_estimate = free
             raise OutOfResourcesError(
                 f"data directory has {free // 2**20} MiB free, below the watermark of "
                 f"{self.min_free_bytes // 2**20} MiB"
@@ -231,29 +325,164 @@ class Spool:
     ) -> StoreOutcome:
         """Store one instance durably; raise a :class:`SpoolError` subclass on failure.
 
+        The receive log, the spool file and the index, in the calling thread; the fast
+        path (:mod:`dicomnode.net.ul`) fills a buffer of :attr:`buffers` as the instance
+        arrives and uses :meth:`log_instance`, :meth:`spool_later` and
+        :meth:`wait_durable` instead, so that the spool file and the index are written
+        while the next instance arrives."""
+        header = header or read_header(encoded)
+        buffer = self.buffers.take()
+        try:
+            buffer.extend(encoded)
+            pending = self.log_instance(
+                buffer,
+                calling_ae=calling_ae,
+                calling_host=calling_host,
+                header=header,
+                crc32=zlib.crc32(encoded),
+            )
+        except BaseException:
+            self.buffers.give(buffer)
+            raise
+        try:
+            outcome = self.spool_logged(pending)
+        except BaseException:
+            self.receive_log().applied(pending.segment, None)  # refused: not stored
+            self.buffers.give(buffer)
+            raise
+        self.wait_durable(pending)
+        return outcome
+
+    def log_instance(
+        self,
+        buffer: RecordBuffer,
+        *,
+        calling_ae: str,
+        calling_host: str,
+        header: InstanceHeader,
+        crc32: int,
+    ) -> Pending:
+        """Write a checked instance (in a buffer of :attr:`buffers`) to the receive log
+        (durable after :meth:`wait_durable`); raises :class:`OutOfResourcesError` below
+        the watermark (room for the spool file) or when the disk is full."""
+        # Room for the spool file and the index row written after the answer, with slack
+        # for file system blocks, the WAL and the audit line: a full disk then refuses
+        # the instance here rather than failing behind an acknowledgement.
+        self.check_space(buffer.length + buffer.length // 8 + 64 * 2**10)
+        try:
+            segment, ticket = self.receive_log().append(
+                buffer, calling_ae=calling_ae, calling_host=calling_host, crc32=crc32
+            )
+        except OSError as exc:
+            raise _write_error(exc, "the receive log") from exc
+        return Pending(buffer, self.buffers, header, calling_ae, calling_host, segment, ticket)
+
+    def wait_durable(self, pending: Pending) -> None:
+        """Block until the log sync covers the instance: then it may be acknowledged."""
+        _sync_or_raise(lambda: self.receive_log().wait_durable(pending.ticket))
+
+    def spool_logged(self, pending: Pending) -> StoreOutcome:
+        """Write a logged instance's spool file and index row (no sync: the log holds it
+        until the next checkpoint), or recognise it as a duplicate; the buffer goes back
+        to its pool once this succeeded.
+
         Stores of one SOP Instance UID are serialised (a sender may retry on a second
         association while the first is still being stored): both would pick the same
-        version and file name, and the loser must not remove the winner's file.
-        """
-        header = header or read_header(encoded)
+        version and file name, and the loser must not remove the winner's file."""
+        header, body = pending.header, pending.buffer.body
+        content = dataset_sha256(body)
         uid = header.sop_instance_uid
+        spooled: Path | None = None
         with self._uid_locks[zlib.crc32(uid.encode()) % len(self._uid_locks)]:
-            return self._store(encoded, calling_ae, calling_host, header)
+            versions = self.index.instance_versions(uid)
+            if any(v.content_sha256 == content for v in versions):
+                log.info("duplicate instance %s ignored (identical data set)", uid)
+                try:
+                    self.index.touch_study(header.study_instance_uid)
+                except sqlite3.Error as exc:  # stored already: still acknowledged
+                    log.warning("duplicate %s: study not touched: %s", uid, exc)
+                outcome = StoreOutcome.DUPLICATE
+            else:
+                outcome, spooled = self._spool(
+                    body, pending.calling_ae, pending.calling_host, header, content, versions
+                )
+        self.receive_log().applied(pending.segment, spooled)
+        del body
+        pending.pool.give(pending.buffer)
+        return outcome
 
-    def _store(
-        self, encoded: bytes, calling_ae: str, calling_host: str, header: InstanceHeader
-    ) -> StoreOutcome:
-        digest = hashlib.sha256(encoded).hexdigest()
-        content = hashlib.sha256(memoryview(encoded)[split_file_meta(encoded)[0] :]).hexdigest()
-        versions = self.index.instance_versions(header.sop_instance_uid)
-        if any(v.sha256 == digest or v.content_sha256 == content for v in versions):
-            log.info("duplicate instance %s ignored (identical bytes)", header.sop_instance_uid)
+    def spool_later(
+        self, pending: Pending, done: Callable[[StoreOutcome], None] | None = None
+    ) -> None:
+        """:meth:`spool_logged` in a spooler thread; ``done`` is told the outcome.  Each SOP
+        Instance UID has its thread (its versions are numbered in arrival order); the
+        threads hash, write and index at once (the GIL is released meanwhile).  A failure
+        is logged and retried with back-off (the instance is in the log, acknowledged or
+        about to be: it is never dropped)."""
+        uid = pending.header.sop_instance_uid
+        number = zlib.crc32(uid.encode()) % SPOOLER_THREADS
+        with self._log_lock:
+            thread = self._spoolers.get(number)
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(
+                    target=self._spool_loop, args=(self._queues[number],), name="spooler"
+                )
+                thread.daemon = True
+                thread.start()
+                self._spoolers[number] = thread
+        self._queues[number].put((pending, done))
+
+    def spooled_all(self, timeout: float) -> bool:
+        """Wait until every instance handed to :meth:`spool_later` is spooled."""
+        deadline = time.monotonic() + timeout
+        for waiting in self._queues:
+            with waiting.all_tasks_done:
+                while waiting.unfinished_tasks:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    waiting.all_tasks_done.wait(left)
+        return True
+
+    def _spool_loop(self, waiting: SpoolQueue) -> None:
+        while True:
+            pending, done = waiting.get()
+            delay = 0.1
+            while True:
+                try:
+                    outcome = self.spool_logged(pending)
+                    break
+                except Exception as exc:
+                    log.error(
+                        "instance %s is in the receive log but could not be spooled "
+                        "(retried in %.1f s): %s",
+                        pending.header.sop_instance_uid,
+                        delay,
+                        exc,
+                    )
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
             try:
-                self.index.touch_study(header.study_instance_uid)
-            except sqlite3.Error as exc:  # stored already: still acknowledged
-                log.warning("duplicate %s: study not touched: %s", header.sop_instance_uid, exc)
-            return StoreOutcome.DUPLICATE
-        self.check_space(len(encoded))
+                if done is not None:
+                    done(outcome)
+            except Exception:
+                log.exception("spooled-instance callback failed")
+            finally:
+                waiting.task_done()
+
+    def _spool(
+        self,
+        encoded: bytes | memoryview,
+        calling_ae: str,
+        calling_host: str,
+        header: InstanceHeader,
+        content: str,
+        versions: list[InstanceRecord],
+        *,
+        durable: bool = False,
+    ) -> tuple[StoreOutcome, Path]:
+        """Write the spool file and the index row of a new version (no sync unless
+        ``durable``: the receive log holds the bytes)."""
         version = (versions[-1].version + 1) if versions else 1
         relative = "/".join(
             (
@@ -263,32 +492,34 @@ class Spool:
                 header.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm",
             )
         )
-        final = self.root.parent / relative
+        final = self.data_dir / relative
         try:
-            write_bytes_atomically(final, encoded, self.tmp)
+            write_bytes_atomically(final, encoded, self.tmp, durable=durable)
         except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfResourcesError(f"disk full while writing {final.name}") from exc
-            raise SpoolError(f"cannot write {final}: {exc}") from exc
+            raise _write_error(exc, final.name) from exc
         new = NewInstance(
             header=header,
             version=version,
             path=relative,
             content_sha256=content,
             drives=self.drives(header),
-            sha256=digest,
+            sha256=hashlib.sha256(encoded).hexdigest(),
             size=len(encoded),
             calling_ae=calling_ae,
             calling_host=calling_host,
         )
         try:
-            self.index.add_instance(new, rerun_late=self.rerun_late)
+            self.index.add_instance(new, rerun_late=self.rerun_late, durable=durable)
         except sqlite3.IntegrityError:
             # Another process indexed this version meanwhile: keep its file, store ours anew.
             versions = self.index.instance_versions(header.sop_instance_uid)
+            if any(v.content_sha256 == content for v in versions):
+                return StoreOutcome.DUPLICATE, final
             if all(v.path != final for v in versions):
                 final.unlink(missing_ok=True)
-            return self._store(encoded, calling_ae, calling_host, header)
+            return self._spool(
+                encoded, calling_ae, calling_host, header, content, versions, durable=durable
+            )
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
@@ -300,8 +531,156 @@ class Spool:
                 header.sop_instance_uid,
                 version,
             )
-            return StoreOutcome.NEW_VERSION
-        return StoreOutcome.STORED
+            return StoreOutcome.NEW_VERSION, final
+        return StoreOutcome.STORED, final
+
+    # --- the receive log --------------------------------------------------------------
+
+    def receive_log(self) -> ReceiveLog:
+        """This process's receive log, opened (with its checkpoint thread) on first use;
+        raises :class:`OutOfResourcesError` when its first segment does not fit."""
+        with self._log_lock:
+            if self._log is None:
+                try:
+                    self._log = ReceiveLog(self.data_dir, self.log_owner)
+                except OSError as exc:
+                    raise _write_error(exc, "the receive log") from exc
+                self._stopping.clear()
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_loop, name="spool-checkpoint", daemon=True
+                )
+                self._checkpointer.start()
+            return self._log
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoints every ``checkpoint_interval_s``; a spare log segment as soon as one
+        was taken."""
+        receive_log = self._log
+        next_at = time.monotonic() + self.checkpoint_interval_s
+        while not self._stopping.is_set():
+            left = max(0.0, next_at - time.monotonic())
+            if receive_log is not None and receive_log.spare_wanted.wait(min(left, 0.05)):
+                try:
+                    receive_log.prepare_spare()
+                except OSError as exc:  # a full disk: stores refuse; tried at the next one
+                    log.warning("receive log: no spare segment prepared: %s", exc)
+            if time.monotonic() < next_at:
+                continue
+            next_at = time.monotonic() + self.checkpoint_interval_s
+            try:
+                self.checkpoint()
+            except Exception as exc:  # retried at the next interval; the log still holds all
+                log.error("spool checkpoint failed (retried): %s", exc)
+
+    def checkpoint(self) -> int:
+        """Make the spool files written since the last checkpoint and the index durable,
+        then reuse the full log segments behind them; returns the files made durable."""
+        with self._checkpoint_lock:
+            receive_log = self._log
+            if receive_log is None:
+                return 0
+            files, done = receive_log.checkpoint_begin()
+            self._make_durable(files, len(files) > 0 or len(done) > 0)
+            receive_log.retire(done)
+            return len(files)
+
+    def _make_durable(self, files: list[Path], commit: bool) -> None:
+        for path in files:
+            try:
+                fsync_file(path)
+            except FileNotFoundError:  # purged since (retention)
+                continue
+        for folder in {p.parent for p in files}:
+            if folder.is_dir():
+                fsync_dir(folder)
+        if commit:
+            self.index.checkpoint(self.log_owner, len(files))
+
+    def close(self) -> None:
+        """Spool what is queued, a last checkpoint: the log is left empty after a clean
+        stop."""
+        if not self.spooled_all(60.0):
+            log.error("instances still queued for the spool at shutdown stay in the log")
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(30)
+        with self._checkpoint_lock, self._log_lock:
+            receive_log, self._log = self._log, None
+            if receive_log is None:
+                return
+            files, _ = receive_log.checkpoint_begin()
+            left = receive_log.close()
+            try:
+                self._make_durable(files, bool(files) or any(s.size for s in left))
+            except (OSError, sqlite3.Error) as exc:  # replayed at the next start
+                log.error("last checkpoint failed, the receive log stays: %s", exc)
+                return
+            if all(s.in_flight == 0 for s in left):
+                receive_log.retire(left)
+
+    def recover(self, owner: str | None = None) -> int:
+        """Replay the log segments an unclean stop left (of ``owner``, or all); returns the
+        instances that were not in the spool and index and now are.
+
+        Each whole record is checked against the index: an instance already indexed with
+        the same data set whose file is intact is skipped; a missing or torn file is
+        rewritten; an unknown one is stored.  Instances indexed after the oldest segment
+        began whose file is torn and that no whole record holds were never acknowledged
+        (a power cut before the log sync): their rows are removed."""
+        paths = segment_files(self.data_dir, owner)
+        if not paths:
+            return 0
+        restored = 0
+        logged: set[str] = set()
+        since = self.index.last_checkpoint(owners(paths))
+        for path in paths:
+            for record in read_segment(path):
+                try:
+                    header = read_header(record.body)
+                    content = dataset_sha256(record.body)
+                    restored += self._replay(record, header, content)
+                except Exception as exc:  # the segment stays; the node does not start
+                    raise SpoolError(
+                        f"receive log {path}: an acknowledged instance cannot be restored: {exc}"
+                    ) from exc
+                logged.add(content)
+        for row in self.index.instances_received_since(since):
+            if row.content_sha256 in logged or _intact(row.path, row.content_sha256):
+                continue
+            log.warning(
+                "instance %s: file torn by a crash and never acknowledged: row removed",
+                row.sop_instance_uid,
+            )
+            self.index.remove_instance(row.sop_instance_uid, row.version)
+        for name in owners(paths):
+            self.index.checkpoint(name, restored)
+        for path in paths:
+            path.unlink()
+        fsync_dir(self.data_dir / LOG_DIR)
+        if restored:
+            log.warning("receive log: %d acknowledged instance(s) restored", restored)
+        return restored
+
+    def _replay(self, record: LogRecord, header: InstanceHeader, content: str) -> int:
+        versions = self.index.instance_versions(header.sop_instance_uid)
+        same = [v for v in versions if v.content_sha256 == content]
+        if same:
+            if not _intact(same[-1].path, content):
+                write_bytes_atomically(same[-1].path, record.body, self.tmp)
+                return 1
+            return 0
+        self._spool(
+            record.body,
+            record.calling_ae,
+            record.calling_host,
+            header,
+            content,
+            versions,
+            durable=True,
+        )
+        return 1
+
+    # --- housekeeping -----------------------------------------------------------------
 
     def purge_study(self, study_uid: str) -> int:
         """Delete a study's spooled files and index rows (retention); returns files removed."""
@@ -317,6 +696,32 @@ class Spool:
     def cleanup_tmp(self) -> int:
         """Remove partial files left by a crash (they were never acknowledged)."""
         return remove_partial_files(self.tmp)
+
+
+def dataset_sha256(encoded: bytes | memoryview) -> str:
+    """SHA-256 of the data set of encoded bytes (what follows the file meta): equal for
+    the same data set whatever file meta a sender or a forwarding PACS wrote."""
+    return hashlib.sha256(memoryview(encoded)[split_file_meta(encoded)[0] :]).hexdigest()
+
+
+def _intact(path: Path, content_sha256: str | None) -> bool:
+    try:
+        return content_sha256 is not None and dataset_sha256(path.read_bytes()) == content_sha256
+    except (OSError, InvalidInstanceError, ValueError):
+        return False
+
+
+def _write_error(exc: OSError, what: str) -> SpoolError:
+    if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        return OutOfResourcesError(f"disk full while writing {what}")
+    return SpoolError(f"cannot write {what}: {exc}")
+
+
+def _sync_or_raise(wait: Callable[[], None]) -> None:
+    try:
+        wait()
+    except OSError as exc:
+        raise _write_error(exc, "the receive log (sync)") from exc
 
 
 def is_deflated(transfer_syntax_uid: str) -> bool:

@@ -81,7 +81,7 @@ class Structure:
         return int(struct.unpack("<H" if self.little_endian else ">H", raw)[0])
 
 
-def split_file_meta(encoded: bytes) -> tuple[int, str]:
+def split_file_meta(encoded: bytes | memoryview) -> tuple[int, str]:
     """Offset of the dataset after the preamble, ``DICM`` and the group 0002 file meta,
     and the meta's Transfer Syntax UID ("" when it has none)."""
     if encoded[128:132] != b"DICM":
@@ -100,7 +100,9 @@ def split_file_meta(encoded: bytes) -> tuple[int, str]:
             (length,) = struct.unpack_from("<H", encoded, position + 6)
             value = position + 8
         if element == 0x0010:
-            syntax = encoded[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+            syntax = (
+                bytes(encoded[value : value + length]).rstrip(b"\0 ").decode("ascii", "replace")
+            )
         position = value + length
     if position == len(encoded):
         return position, syntax
@@ -108,7 +110,7 @@ def split_file_meta(encoded: bytes) -> tuple[int, str]:
 
 
 class _Walker:
-    def __init__(self, data: bytes, syntax: UID, wanted: frozenset[int]) -> None:
+    def __init__(self, data: bytes | memoryview, syntax: UID, wanted: frozenset[int]) -> None:
         self.data = data
         self.wanted = wanted
         self.values: dict[int, bytes] = {}
@@ -127,7 +129,7 @@ class _Walker:
         explicit = self.explicit
         if explicit and position + 6 <= limit:
             # implicit VR under an explicit syntax: pydicom reads it too, so do we
-            explicit = self.data[position + 4 : position + 6].isalpha()
+            explicit = bytes(self.data[position + 4 : position + 6]).isalpha()
         unpack = struct.unpack_from
         endian = self.endian
         while True:
@@ -143,7 +145,7 @@ class _Walker:
                 raise InvalidInstanceError(f"unexpected item tag ({group:04X},{element:04X})")
             vr: str | None
             if explicit:
-                raw_vr = self.data[position + 4 : position + 6]
+                raw_vr = bytes(self.data[position + 4 : position + 6])
                 if raw_vr not in _KNOWN_VRS:
                     raise InvalidInstanceError(
                         f"element ({group:04X},{element:04X}) has an unknown VR {raw_vr!r}"
@@ -181,7 +183,7 @@ class _Walker:
                 self.items(value, value + length, depth + 1, fragments=False)
             if depth == 0:
                 if tag in self.wanted:
-                    self.values[tag] = self.data[value : value + length]
+                    self.values[tag] = bytes(self.data[value : value + length])
                 elif tag == PIXEL_DATA or tag in OTHER_PIXEL_TAGS:
                     self.has_pixels = True
                     if tag in NATIVE_PIXEL_TAGS:
@@ -250,7 +252,7 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 def check_structure(
-    encoded: bytes, offset: int, syntax: UID, wanted: frozenset[int] = frozenset()
+    encoded: bytes | memoryview, offset: int, syntax: UID, wanted: frozenset[int] = frozenset()
 ) -> Structure:
     """Walk the dataset that starts at ``offset`` in ``encoded`` and ends with it.
 

@@ -383,6 +383,8 @@ def test_random_mutations_get_a_status(
         # Then it gets a status; what is accepted is stored exactly as sent
         assert code in REFUSED | {status.SUCCESS} or code is None
         if code == status.SUCCESS:
+            # (acknowledged once in the receive log; spooled and indexed right after)
+            assert fuzz_node.spool.spooled_all(10.0)
             versions = fuzz_node.index.instance_versions(seed.sop_instance_uid)
             assert any(v.path.read_bytes().endswith(bytes(body)) for v in versions)
 

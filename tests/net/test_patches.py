@@ -125,6 +125,17 @@ def test_pyproject_pins_the_supported_range() -> None:
 # --- the acceptor's server ---------------------------------------------------------------
 
 
+@pytest.fixture
+def scp_factory(scp_factory: ScpFactory) -> ScpFactory:
+    """These tests are about pynetdicom's acceptor: the receive fast path (net/ul.py),
+    which would serve their plain storage associations, stays off."""
+
+    def make(**settings: Any) -> StorageSCP:
+        return scp_factory(**{"fast_receive": False, **settings})
+
+    return make
+
+
 @both
 def test_accepted_sockets_get_tcp_nodelay_and_the_network_timeout(
     scp_factory: ScpFactory, monkeypatch: pytest.MonkeyPatch, patched: bool
@@ -434,6 +445,7 @@ def test_every_patch_has_its_test() -> None:
         "association_socket",
         "ContextList",  # share_supported_contexts
         "CallerCheckingACSE",  # check_caller_host
+        "ReusePortServer",  # NoDelayServer with SO_REUSEPORT: tests/app/test_receivers.py
     }
     defined = {
         name

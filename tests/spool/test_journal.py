@@ -1,0 +1,183 @@
+"""The receive log: records, group commit, reuse of segments, and recovery from what an
+unclean stop left (acknowledged instances come back; torn ones are recognised)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+
+from dicomnode.db import Database
+from dicomnode.spool import journal
+from dicomnode.spool.index import Index
+from dicomnode.spool.journal import LOG_DIR, ReceiveLog, RecordBuffer, read_segment
+from dicomnode.spool.store import Spool, StoreOutcome, read_header
+
+
+def _spool(data: Path) -> Spool:
+    """A spool whose checkpoints happen only when a test says (the crash cases)."""
+    return Spool(data, Index(Database(data)), min_free_bytes=0, checkpoint_interval_s=3600)
+
+
+def _buffer(body: bytes) -> RecordBuffer:
+    buffer = RecordBuffer(1024)
+    buffer.extend(body)
+    return buffer
+
+
+def _append(log: ReceiveLog, body: bytes) -> None:
+    """Append, sync and mark applied: a store that went all the way."""
+    segment, ticket = log.append(
+        _buffer(body), calling_ae="A", calling_host="h", crc32=zlib.crc32(body)
+    )
+    log.wait_durable(ticket)
+    log.applied(segment, None)
+
+
+def test_records_are_read_back_and_a_reused_segment_forgets_its_earlier_life(
+    tmp_path: Path,
+) -> None:
+    log = ReceiveLog(tmp_path, segment_bytes=2**20)
+    bodies = [os.urandom(n) for n in (10, 5000, 300_000, 4096)]
+    for body in bodies:
+        _append(log, body)
+    (path,) = journal.segment_files(tmp_path)
+    assert [r.body for r in read_segment(path)] == bodies
+    # When the segment fills, is checkpointed and reused under a new number
+    big = os.urandom(800_000)
+    _append(log, big)
+    _, done = log.checkpoint_begin()
+    assert [s.path for s in done] == [path]
+    log.retire(done)
+    assert not path.exists()
+    log.prepare_spare()
+    again = os.urandom(1000)
+    for _ in range(2):  # fills the second segment, then takes the reused one
+        _append(log, big)
+    _append(log, again)
+    newest = journal.segment_files(tmp_path)[-1]
+    # Then reading it yields only what was written in its new life
+    assert [r.body for r in read_segment(newest)] == [big, again]
+
+
+def test_a_torn_record_is_skipped_and_the_records_after_it_still_read(tmp_path: Path) -> None:
+    log = ReceiveLog(tmp_path, segment_bytes=2**20)
+    bodies = [os.urandom(9000) for _ in range(3)]
+    for body in bodies:
+        _append(log, body)
+    (path,) = journal.segment_files(tmp_path)
+    # When a crash tore the first record (part of its body never reached the disk)
+    with open(path, "r+b") as f:
+        f.seek(journal.BLOCK + 100)
+        f.write(bytes(500))
+    # Then it is skipped and the others are whole
+    assert [r.body for r in read_segment(path)] == bodies[1:]
+
+
+def test_concurrent_stores_share_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = ReceiveLog(tmp_path, segment_bytes=16 * 2**20)
+    syncs = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(journal.os, "fdatasync", counted)
+    body = os.urandom(200_000)
+
+    def store() -> None:
+        for _ in range(10):
+            _, ticket = log.append(
+                _buffer(body), calling_ae="A", calling_host="h", crc32=zlib.crc32(body)
+            )
+            log.wait_durable(ticket)
+
+    threads = [threading.Thread(target=store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # 40 durable appends, each covered by a sync, far fewer syncs than appends
+    assert 0 < len(syncs) < 40
+
+
+def test_recovery_restores_acknowledged_instances_the_spool_never_got(
+    tmp_path: Path, phantom_files: list[Path]
+) -> None:
+    data = tmp_path / "data"
+    spool = _spool(data)
+    encoded = [p.read_bytes() for p in phantom_files[:4]]
+    # Given instances acknowledged (in the log, synced) whose spooling a crash prevented
+    for body in encoded:
+        buffer = spool.buffers.take()
+        buffer.extend(body)
+        pending = spool.log_instance(
+            buffer,
+            calling_ae="PACS",
+            calling_host="127.0.0.1",
+            header=read_header(body),
+            crc32=zlib.crc32(body),
+        )
+        spool.wait_durable(pending)
+    assert spool.index.instance_count(read_header(encoded[0]).study_instance_uid) == 0
+    # When the node starts again
+    again = _spool(data)
+    restored = again.recover()
+    # Then each is in the spool and the index, byte for byte, and the log is gone
+    assert restored == 4
+    for body in encoded:
+        (row,) = again.index.instance_versions(read_header(body).sop_instance_uid)
+        assert row.path.read_bytes() == body
+        assert row.calling_ae == "PACS"
+    assert journal.segment_files(data) == []
+    assert again.recover() == 0
+
+
+def test_recovery_rewrites_a_torn_spool_file_and_drops_a_never_acknowledged_row(
+    tmp_path: Path, phantom_files: list[Path]
+) -> None:
+    data = tmp_path / "data"
+    spool = _spool(data)
+    first, second = (p.read_bytes() for p in phantom_files[:2])
+    # Given two instances spooled after the last checkpoint
+    for body in (first, second):
+        assert (
+            spool.store(body, calling_ae="PACS", calling_host="h", header=read_header(body))
+            == StoreOutcome.STORED
+        )
+    rows = [
+        spool.index.instance_versions(read_header(b).sop_instance_uid)[0] for b in (first, second)
+    ]
+    # ... and a power cut that tore both spool files and the second's log record
+    for row in rows:
+        row.path.write_bytes(row.path.read_bytes()[:1000])
+    (segment,) = journal.segment_files(data)
+    records = list(read_segment(segment))
+    assert len(records) == 2
+    raw = bytearray(segment.read_bytes())
+    second_at = raw.index(b"DNRL", journal.BLOCK)
+    raw[second_at + journal.BLOCK + 500 : second_at + journal.BLOCK + 510] = b"\xff" * 10
+    segment.write_bytes(bytes(raw))
+    assert [r.body for r in read_segment(segment)] == [first]
+    # When the node starts again
+    again = _spool(data)
+    again.recover()
+    # Then the first (its record is whole: it may have been acknowledged) is rewritten,
+    # the second (never acknowledged: its sync had not returned) is forgotten
+    assert rows[0].path.read_bytes() == first
+    assert again.index.instance_versions(rows[1].sop_instance_uid) == []
+    assert not (data / LOG_DIR / segment.name).exists()
+
+
+def test_a_clean_close_leaves_no_live_segment(tmp_path: Path, phantom_files: list[Path]) -> None:
+    spool = _spool(tmp_path)
+    for path in phantom_files[:3]:
+        body = path.read_bytes()
+        spool.store(body, calling_ae="PACS", calling_host="h", header=read_header(body))
+    spool.close()
+    assert journal.segment_files(tmp_path) == []
+    assert _spool(tmp_path).recover() == 0
