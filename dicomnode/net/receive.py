@@ -82,7 +82,7 @@ def receive_logged(
     host: str,
     via: str,
     check: Check | None,
-    crc32: int,
+    sha256: str,
     spooled: Callable[[Receipt], None],
 ) -> Receipt:
     """The fast path's receive (:mod:`dicomnode.net.ul`): check, append to the receive log
@@ -96,7 +96,7 @@ def receive_logged(
         refused = check(header) if check is not None else None
         if refused is None:
             pending = spool.log_instance(
-                buffer, calling_ae=calling_ae, calling_host=host, header=header, crc32=crc32
+                buffer, calling_ae=calling_ae, calling_host=host, header=header, sha256=sha256
             )
     except Exception as exc:
         spool.buffers.give(buffer)

@@ -9,10 +9,10 @@ caller's host check, the guards against malformed input) is in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,12 +252,12 @@ class StorageSCP:
         sop_class: str,
         sop_instance: str,
         encoded: bytes | RecordBuffer,
-        crc32: int | None,
+        sha256: str | None,
         spooled: Callable[[], None] | None = None,
     ) -> tuple[int, str]:
         """Check, log or spool one instance and count it: (status, reason when refused).
 
-        A :class:`RecordBuffer` (the fast path, with its ``crc32``) is answered once the
+        A :class:`RecordBuffer` (the fast path, with its ``sha256``) is answered once the
         receive log holds the instance; the spool file and index row follow (``spooled``
         is called then).  Bytes are stored before the answer."""
         size = len(encoded) if isinstance(encoded, bytes) else encoded.length
@@ -300,7 +300,7 @@ class StorageSCP:
                 host=host,
                 via=f"C-STORE from {calling_ae}",
                 check=_matches(sop_class, sop_instance),
-                crc32=zlib.crc32(encoded.body) if crc32 is None else crc32,
+                sha256=hashlib.sha256(encoded.body).hexdigest() if sha256 is None else sha256,
                 spooled=done,
             )
         if not receipt.ok or isinstance(encoded, bytes):

@@ -26,14 +26,14 @@ statuses, the audit and the metrics.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
@@ -352,7 +352,7 @@ class StorageService(Protocol):
         sop_class: str,
         sop_instance: str,
         encoded: bytes | RecordBuffer,
-        crc32: int | None,
+        sha256: str | None,
         spooled: Callable[[], None] | None = None,
     ) -> tuple[int, str]:
         """Log one received instance (the buffer is the service's from now on): (status,
@@ -385,7 +385,7 @@ class _Receiving:
     message_id: int
     buffer: RecordBuffer | None
     meta_length: int
-    crc32: int = 0
+    digest: Any = None
     received: int = 0
 
 
@@ -558,7 +558,7 @@ class StorageAssociation:
         buffer.reset()
         buffer.extend(meta)
         self._receiving = _Receiving(
-            context_id, sop_class, sop_instance, message_id, buffer, len(meta), zlib.crc32(meta)
+            context_id, sop_class, sop_instance, message_id, buffer, len(meta), hashlib.sha256(meta)
         )
 
     def _data_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
@@ -572,7 +572,7 @@ class StorageAssociation:
                 receiving.buffer = None  # the rest is read and dropped
             else:
                 receiving.buffer.extend(fragment)
-                receiving.crc32 = zlib.crc32(fragment, receiving.crc32)
+                receiving.digest.update(fragment)
         if last:
             self._receiving = None
             self._answer_store(receiving)
@@ -593,7 +593,7 @@ class StorageAssociation:
                 receiving.sop_class,
                 receiving.sop_instance,
                 receiving.buffer,
-                receiving.crc32,
+                receiving.digest.hexdigest(),
                 self._spooled,
             )
             if code != 0:

@@ -91,7 +91,9 @@ class NewInstance:
     header: InstanceHeader
     version: int
     path: str
-    content_sha256: str
+    #: The data set's digest; None when no other version was there to compare it with
+    #: (computed from the file if one comes later).
+    content_sha256: str | None
     drives: bool
     sha256: str
     size: int

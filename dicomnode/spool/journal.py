@@ -23,15 +23,16 @@ Record layout (little endian)::
     b"DNRL" | u32 segment number | u32 header length | u64 body length
     | header (JSON) | body | b"DNRE"
 
-The header names the caller, the time and the CRC-32 of the body.  A segment file is
+The header names the caller, the time and the SHA-256 of the body.  A segment file is
 named after its number, and a reused file still holds records of its earlier life: those
 carry an older number, so reading stops there, as it stops at zeros, at a torn record
-(its CRC-32 does not match) or at a record of another number.
+(its SHA-256 does not match) or at a record of another number.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import mmap
@@ -40,7 +41,6 @@ import shutil
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,13 +150,14 @@ class BufferPool:
 
 @dataclass(frozen=True)
 class LogRecord:
-    """One received instance as logged: the caller, the time, the CRC-32 of the bytes and
-    the bytes (file meta + data set) exactly as they will be spooled."""
+    """One received instance as logged: the caller, the time, the SHA-256 of the bytes
+    (the spool file's, also its index row's) and the bytes (file meta + data set) exactly
+    as they will be spooled."""
 
     calling_ae: str
     calling_host: str
     received_at: float
-    crc32: int
+    sha256: str
     body: bytes
 
 
@@ -273,7 +274,7 @@ class ReceiveLog:
     # --- appending ------------------------------------------------------------------
 
     def append(
-        self, buffer: RecordBuffer, *, calling_ae: str, calling_host: str, crc32: int
+        self, buffer: RecordBuffer, *, calling_ae: str, calling_host: str, sha256: str
     ) -> tuple[Segment, int]:
         """Write the instance in ``buffer`` as a record (not yet durable); returns its
         segment and sync ticket for :meth:`wait_durable`.
@@ -287,7 +288,7 @@ class ReceiveLog:
                 "calling_ae": calling_ae,
                 "calling_host": calling_host,
                 "received_at": time.time(),
-                "crc32": crc32,
+                "sha256": sha256,
             }
         ).encode()
         length = _align(BLOCK + buffer.length + len(_END))
@@ -449,7 +450,7 @@ def segment_files(data_dir: Path, owner: str | None = None) -> list[Path]:
 def read_segment(path: Path) -> Iterator[LogRecord]:
     """The whole records of a segment, in order.  Records start on block boundaries; a
     block that does not start one of this segment's whole records (zeros, a record of the
-    file's earlier life, a write that failed or was torn by a crash: its CRC-32 does not
+    file's earlier life, a write that failed or was torn by a crash: its SHA-256 does not
     match) is skipped."""
     data = path.read_bytes()
     number = _number(path)
@@ -481,12 +482,14 @@ def _record_at(data: bytes, offset: int, number: int) -> tuple[LogRecord | None,
             calling_ae=str(header["calling_ae"]),
             calling_host=str(header["calling_host"]),
             received_at=float(header["received_at"]),
-            crc32=int(header["crc32"]),
+            sha256=str(header["sha256"]),
             body=data[body:end],
         )
     except (ValueError, KeyError, TypeError):
         return None, 0
-    if data[end : end + len(_END)] != _END or zlib.crc32(record.body) != record.crc32:
+    if data[end : end + len(_END)] != _END:
+        return None, 0
+    if hashlib.sha256(record.body).hexdigest() != record.sha256:
         return None, 0
     return record, end + len(_END)
 

@@ -140,14 +140,12 @@ def _check_pixels(structure: Structure, sop_class: str) -> None:
             raise InvalidInstanceError(f"the dataset is a {name} without Pixel Data (truncated?)")
         return
     length = structure.pixel_data_length
-    if length is None:
-        return  # encapsulated (its fragments were walked)
     simple = _simple_expected_length(structure)
-    if simple is not None and length >= simple:
+    if length is not None and simple is not None and length >= simple:
         return  # the common case, without building the module (receive fast path)
-    module = _image_pixel_module(structure)
-    if module is None:
-        return  # no image pixel module
+    module = _image_pixel_module(structure)  # raises for a malformed Rows, Columns ...
+    if length is None or module is None:
+        return  # encapsulated (its fragments were walked), or no image pixel module
     needed = _expected_length(module)
     if length < needed:
         raise InvalidInstanceError(
@@ -241,6 +239,8 @@ class Pending:
     calling_host: str
     segment: Segment
     ticket: int
+    #: The SHA-256 of the whole file (computed as it arrived).
+    sha256: str
 
 
 SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None]]
@@ -339,7 +339,7 @@ class Spool:
                 calling_ae=calling_ae,
                 calling_host=calling_host,
                 header=header,
-                crc32=zlib.crc32(encoded),
+                sha256=hashlib.sha256(encoded).hexdigest(),
             )
         except BaseException:
             self.buffers.give(buffer)
@@ -360,7 +360,7 @@ class Spool:
         calling_ae: str,
         calling_host: str,
         header: InstanceHeader,
-        crc32: int,
+        sha256: str,
     ) -> Pending:
         """Write a checked instance (in a buffer of :attr:`buffers`) to the receive log
         (durable after :meth:`wait_durable`); raises :class:`OutOfResourcesError` below
@@ -371,11 +371,13 @@ class Spool:
         self.check_space(buffer.length + buffer.length // 8 + 64 * 2**10)
         try:
             segment, ticket = self.receive_log().append(
-                buffer, calling_ae=calling_ae, calling_host=calling_host, crc32=crc32
+                buffer, calling_ae=calling_ae, calling_host=calling_host, sha256=sha256
             )
         except OSError as exc:
             raise _write_error(exc, "the receive log") from exc
-        return Pending(buffer, self.buffers, header, calling_ae, calling_host, segment, ticket)
+        return Pending(
+            buffer, self.buffers, header, calling_ae, calling_host, segment, ticket, sha256
+        )
 
     def wait_durable(self, pending: Pending) -> None:
         """Block until the log sync covers the instance: then it may be acknowledged."""
@@ -390,12 +392,15 @@ class Spool:
         association while the first is still being stored): both would pick the same
         version and file name, and the loser must not remove the winner's file."""
         header, body = pending.header, pending.buffer.body
-        content = dataset_sha256(body)
+        whole = pending.sha256
         uid = header.sop_instance_uid
         spooled: Path | None = None
         with self._uid_locks[zlib.crc32(uid.encode()) % len(self._uid_locks)]:
             versions = self.index.instance_versions(uid)
-            if any(v.content_sha256 == content for v in versions):
+            # The data set's own digest only when there is something to compare it with:
+            # a new SOP Instance UID (nearly every instance) costs one SHA-256, not two.
+            content = dataset_sha256(body) if versions else None
+            if content is not None and any(_content_of(v) == content for v in versions):
                 log.info("duplicate instance %s ignored (identical data set)", uid)
                 try:
                     self.index.touch_study(header.study_instance_uid)
@@ -404,7 +409,13 @@ class Spool:
                 outcome = StoreOutcome.DUPLICATE
             else:
                 outcome, spooled = self._spool(
-                    body, pending.calling_ae, pending.calling_host, header, content, versions
+                    body,
+                    pending.calling_ae,
+                    pending.calling_host,
+                    header,
+                    content,
+                    versions,
+                    whole=whole,
                 )
         self.receive_log().applied(pending.segment, spooled)
         del body
@@ -476,10 +487,11 @@ class Spool:
         calling_ae: str,
         calling_host: str,
         header: InstanceHeader,
-        content: str,
+        content: str | None,
         versions: list[InstanceRecord],
         *,
         durable: bool = False,
+        whole: str | None = None,
     ) -> tuple[StoreOutcome, Path]:
         """Write the spool file and the index row of a new version (no sync unless
         ``durable``: the receive log holds the bytes)."""
@@ -503,7 +515,7 @@ class Spool:
             path=relative,
             content_sha256=content,
             drives=self.drives(header),
-            sha256=hashlib.sha256(encoded).hexdigest(),
+            sha256=whole or hashlib.sha256(encoded).hexdigest(),
             size=len(encoded),
             calling_ae=calling_ae,
             calling_host=calling_host,
@@ -513,12 +525,20 @@ class Spool:
         except sqlite3.IntegrityError:
             # Another process indexed this version meanwhile: keep its file, store ours anew.
             versions = self.index.instance_versions(header.sop_instance_uid)
-            if any(v.content_sha256 == content for v in versions):
+            content = content or dataset_sha256(encoded)
+            if any(_content_of(v) == content for v in versions):
                 return StoreOutcome.DUPLICATE, final
             if all(v.path != final for v in versions):
                 final.unlink(missing_ok=True)
             return self._spool(
-                encoded, calling_ae, calling_host, header, content, versions, durable=durable
+                encoded,
+                calling_ae,
+                calling_host,
+                header,
+                content,
+                versions,
+                durable=durable,
+                whole=whole,
             )
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)
@@ -635,17 +655,16 @@ class Spool:
         since = self.index.last_checkpoint(owners(paths))
         for path in paths:
             for record in read_segment(path):
+                whole = record.sha256  # checked when read
                 try:
-                    header = read_header(record.body)
-                    content = dataset_sha256(record.body)
-                    restored += self._replay(record, header, content)
+                    restored += self._replay(record, read_header(record.body), whole)
                 except Exception as exc:  # the segment stays; the node does not start
                     raise SpoolError(
                         f"receive log {path}: an acknowledged instance cannot be restored: {exc}"
                     ) from exc
-                logged.add(content)
+                logged.add(whole)
         for row in self.index.instances_received_since(since):
-            if row.content_sha256 in logged or _intact(row.path, row.content_sha256):
+            if row.sha256 in logged or _intact(row.path, row.sha256):
                 continue
             log.warning(
                 "instance %s: file torn by a crash and never acknowledged: row removed",
@@ -661,14 +680,19 @@ class Spool:
             log.warning("receive log: %d acknowledged instance(s) restored", restored)
         return restored
 
-    def _replay(self, record: LogRecord, header: InstanceHeader, content: str) -> int:
+    def _replay(self, record: LogRecord, header: InstanceHeader, whole: str) -> int:
+        """One logged instance back into the spool: its file rewritten if torn, stored if
+        missing; nothing when it was a duplicate of a version held."""
         versions = self.index.instance_versions(header.sop_instance_uid)
-        same = [v for v in versions if v.content_sha256 == content]
+        same = [v for v in versions if v.sha256 == whole]
         if same:
-            if not _intact(same[-1].path, content):
+            if not _intact(same[-1].path, whole):
                 write_bytes_atomically(same[-1].path, record.body, self.tmp)
                 return 1
             return 0
+        content = dataset_sha256(record.body)
+        if any(_content_of(v) == content for v in versions):
+            return 0  # acknowledged as a duplicate of a version held
         self._spool(
             record.body,
             record.calling_ae,
@@ -677,6 +701,7 @@ class Spool:
             content,
             versions,
             durable=True,
+            whole=whole,
         )
         return 1
 
@@ -704,11 +729,23 @@ def dataset_sha256(encoded: bytes | memoryview) -> str:
     return hashlib.sha256(memoryview(encoded)[split_file_meta(encoded)[0] :]).hexdigest()
 
 
-def _intact(path: Path, content_sha256: str | None) -> bool:
+def _intact(path: Path, sha256: str) -> bool:
+    """The file holds the bytes indexed (the SHA-256 of the whole file)."""
     try:
-        return content_sha256 is not None and dataset_sha256(path.read_bytes()) == content_sha256
-    except (OSError, InvalidInstanceError, ValueError):
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
         return False
+
+
+def _content_of(version: InstanceRecord) -> str | None:
+    """A stored version's data set digest: indexed, or (rows stored without it) read from
+    its file; None when the file cannot be read."""
+    if version.content_sha256:
+        return version.content_sha256
+    try:
+        return dataset_sha256(version.path.read_bytes())
+    except (OSError, InvalidInstanceError, ValueError):
+        return None
 
 
 def _write_error(exc: OSError, what: str) -> SpoolError:

@@ -3,9 +3,9 @@ unclean stop left (acknowledged instances come back; torn ones are recognised)."
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-import zlib
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ def _buffer(body: bytes) -> RecordBuffer:
 def _append(log: ReceiveLog, body: bytes) -> None:
     """Append, sync and mark applied: a store that went all the way."""
     segment, ticket = log.append(
-        _buffer(body), calling_ae="A", calling_host="h", crc32=zlib.crc32(body)
+        _buffer(body), calling_ae="A", calling_host="h", sha256=hashlib.sha256(body).hexdigest()
     )
     log.wait_durable(ticket)
     log.applied(segment, None)
@@ -92,7 +92,10 @@ def test_concurrent_stores_share_syncs(tmp_path: Path, monkeypatch: pytest.Monke
     def store() -> None:
         for _ in range(10):
             _, ticket = log.append(
-                _buffer(body), calling_ae="A", calling_host="h", crc32=zlib.crc32(body)
+                _buffer(body),
+                calling_ae="A",
+                calling_host="h",
+                sha256=hashlib.sha256(body).hexdigest(),
             )
             log.wait_durable(ticket)
 
@@ -120,7 +123,7 @@ def test_recovery_restores_acknowledged_instances_the_spool_never_got(
             calling_ae="PACS",
             calling_host="127.0.0.1",
             header=read_header(body),
-            crc32=zlib.crc32(body),
+            sha256=hashlib.sha256(body).hexdigest(),
         )
         spool.wait_durable(pending)
     assert spool.index.instance_count(read_header(encoded[0]).study_instance_uid) == 0
