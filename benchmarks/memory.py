@@ -181,7 +181,9 @@ def child(study: Path, out: Path, slices: int, size: int) -> dict[str, Any]:
     pipeline = processor.pipeline("lesion")
     _one_batch(pipeline, size)
     sessions = rss_bytes()
-    processor.warm_up()
+    warm_up = getattr(processor, "warm_up", None)  # absent before issue 13: then no warm-up
+    if warm_up is not None:
+        warm_up()
     warm = rss_bytes()
     clock = PhaseClock()
     instrument(clock, processor, pipeline)
