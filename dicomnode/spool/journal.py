@@ -207,6 +207,8 @@ class ReceiveLog:
         self._closed = False
         self._sync_error: OSError | None = None
         self._syncing = False
+        #: Records appended so far (the checkpoint thread ends when it stops growing).
+        self.appended = 0
         self._syncs_started = 0
         self._syncs_done = 0
         self._dirty: set[int] = set()
@@ -301,6 +303,7 @@ class ReceiveLog:
             start = segment.size
             segment.size += length
             segment.in_flight += 1
+            self.appended += 1
             record = buffer.record(header, segment.number)
         try:
             _write_all(segment.fd, record, start, segment.direct)

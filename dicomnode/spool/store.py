@@ -243,7 +243,7 @@ class Pending:
     sha256: str
 
 
-SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None]]
+SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None] | None]
 #: Threads writing spool files and index rows behind the receive log.
 SPOOLER_THREADS = 2
 
@@ -369,6 +369,7 @@ class Spool:
         # for file system blocks, the WAL and the audit line: a full disk then refuses
         # the instance here rather than failing behind an acknowledgement.
         self.check_space(buffer.length + buffer.length // 8 + 64 * 2**10)
+        self._ensure_checkpointer()
         try:
             segment, ticket = self.receive_log().append(
                 buffer, calling_ae=calling_ae, calling_host=calling_host, sha256=sha256
@@ -456,8 +457,26 @@ class Spool:
         return True
 
     def _spool_loop(self, waiting: SpoolQueue) -> None:
+        """Until the queue has been idle for a minute (or the spool is closed): the next
+        :meth:`spool_later` starts a new thread, so an idle or abandoned spool holds no
+        thread and no database connection."""
         while True:
-            pending, done = waiting.get()
+            try:
+                item = waiting.get(timeout=60.0)
+            except queue.Empty:
+                with self._log_lock:
+                    if waiting.empty():
+                        self._spoolers = {
+                            k: t
+                            for k, t in self._spoolers.items()
+                            if t is not threading.current_thread()
+                        }
+                        return
+                continue
+            if item is None:
+                waiting.task_done()
+                return
+            pending, done = item
             delay = 0.1
             while True:
                 try:
@@ -566,20 +585,28 @@ class Spool:
                 except OSError as exc:
                     raise _write_error(exc, "the receive log") from exc
                 self._stopping.clear()
+            return self._log
+
+    def _ensure_checkpointer(self) -> None:
+        receive_log = self.receive_log()
+        with self._log_lock:
+            if self._checkpointer is None and self._log is receive_log:
                 self._checkpointer = threading.Thread(
                     target=self._checkpoint_loop, name="spool-checkpoint", daemon=True
                 )
                 self._checkpointer.start()
-            return self._log
 
     def _checkpoint_loop(self) -> None:
         """Checkpoints every ``checkpoint_interval_s``; a spare log segment as soon as one
-        was taken."""
+        was taken.  Ends after a minute with nothing to do (an idle or abandoned spool
+        keeps no thread waking up); the next store starts it again."""
         receive_log = self._log
         next_at = time.monotonic() + self.checkpoint_interval_s
+        idle_since = time.monotonic()
+        appended = -1
         while not self._stopping.is_set():
             left = max(0.0, next_at - time.monotonic())
-            if receive_log is not None and receive_log.spare_wanted.wait(min(left, 0.05)):
+            if receive_log is not None and receive_log.spare_wanted.wait(left):
                 try:
                     receive_log.prepare_spare()
                 except OSError as exc:  # a full disk: stores refuse; tried at the next one
@@ -591,6 +618,14 @@ class Spool:
                 self.checkpoint()
             except Exception as exc:  # retried at the next interval; the log still holds all
                 log.error("spool checkpoint failed (retried): %s", exc)
+            now_appended = receive_log.appended if receive_log is not None else 0
+            if now_appended != appended:
+                appended, idle_since = now_appended, time.monotonic()
+            elif time.monotonic() - idle_since > 60.0:
+                with self._log_lock:
+                    if receive_log is None or receive_log.appended == appended:
+                        self._checkpointer = None
+                        return
 
     def checkpoint(self) -> int:
         """Make the spool files written since the last checkpoint and the index durable,
@@ -621,9 +656,15 @@ class Spool:
         stop."""
         if not self.spooled_all(60.0):
             log.error("instances still queued for the spool at shutdown stay in the log")
+        with self._log_lock:
+            spoolers, self._spoolers = dict(self._spoolers), {}
+        for number, thread in spoolers.items():
+            self._queues[number].put(None)  # the thread ends (and its database connection)
+            thread.join(10)
         self._stopping.set()
         if self._checkpointer is not None:
             self._checkpointer.join(30)
+            self._checkpointer = None
         with self._checkpoint_lock, self._log_lock:
             receive_log, self._log = self._log, None
             if receive_log is None:
