@@ -422,6 +422,8 @@ def _number(path: Path) -> int:
 
 
 def _zero_fill(path: Path, size: int) -> None:
+    """A file of ``size`` zero bytes, synced; nothing is left of it when that fails (a full
+    disk must not lose its last bytes to a spare segment)."""
     chunk = bytes(min(size, 2**20))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
@@ -429,8 +431,11 @@ def _zero_fill(path: Path, size: int) -> None:
         while left > 0:
             left -= os.write(fd, chunk[: min(left, len(chunk))])
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def owners(paths: list[Path]) -> set[str]:
