@@ -25,6 +25,7 @@ from dicomnode.web import pages
 from dicomnode.web.views import findings_text, priority_of
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -73,8 +74,13 @@ def screenshot(browser: WebDriver, name: str) -> Path:
 
 
 def row_state(browser: WebDriver, study_uid: str) -> str:
-    rows = browser.find_elements(By.CSS_SELECTOR, f'tr.study[data-study="{study_uid}"]')
-    return rows[0].get_attribute("data-state") or "" if rows else ""
+    """The study's state in the worklist ("" while the page is being refreshed: a row found
+    just before the page replaced it is stale)."""
+    try:
+        rows = browser.find_elements(By.CSS_SELECTOR, f'tr.study[data-study="{study_uid}"]')
+        return rows[0].get_attribute("data-state") or "" if rows else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def test_a_person_follows_a_study_and_resends_its_results(
