@@ -60,17 +60,7 @@ def receive_instance(
         outcome = spool.store(encoded, calling_ae=calling_ae, calling_host=host, header=header)
     except Exception as exc:
         return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
-    audit.record(
-        "instance",
-        outcome=outcome.value,
-        status=status.SUCCESS,
-        calling_ae=calling_ae,
-        host=host,
-        sop_instance_uid=header.sop_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-    )
-    return Receipt(status.SUCCESS, outcome.value, header)
+    return _stored(audit, calling_ae, host, header, outcome)
 
 
 def receive_logged(
@@ -108,17 +98,7 @@ def receive_logged(
     known = header
 
     def done(outcome: StoreOutcome) -> None:
-        audit.record(
-            "instance",
-            outcome=outcome.value,
-            status=status.SUCCESS,
-            calling_ae=calling_ae,
-            host=host,
-            sop_instance_uid=known.sop_instance_uid,
-            study_instance_uid=known.study_instance_uid,
-            sop_class_uid=known.sop_class_uid,
-        )
-        spooled(Receipt(status.SUCCESS, outcome.value, known))
+        spooled(_stored(audit, calling_ae, host, known, outcome))
 
     spool.spool_later(pending, done)
     try:
@@ -126,6 +106,23 @@ def receive_logged(
     except Exception as exc:
         return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
     return Receipt(status.SUCCESS, "logged", header)
+
+
+def _stored(
+    audit: AuditLog, calling_ae: str, host: str, header: InstanceHeader, outcome: StoreOutcome
+) -> Receipt:
+    """The audit record and receipt of an instance in the spool (both doors)."""
+    audit.record(
+        "instance",
+        outcome=outcome.value,
+        status=status.SUCCESS,
+        calling_ae=calling_ae,
+        host=host,
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+    )
+    return Receipt(status.SUCCESS, outcome.value, header)
 
 
 def _refuse(
