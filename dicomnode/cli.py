@@ -137,11 +137,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from dicomnode.app.batch import run_batch
 
     config = _config(args)
+    if args.actors is not None:
+        config = dataclasses.replace(
+            config, ray=dataclasses.replace(config.ray, actors=args.actors)
+        )
     _setup_logging("WARNING" if not args.verbose else "INFO")
-    s = run_batch(config, Path(args.input), Path(args.output), progress=not args.no_progress)
+    s = run_batch(
+        config,
+        Path(args.input),
+        Path(args.output),
+        progress=not args.no_progress,
+        workers=args.workers,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+    )
     print(
         f"{len(s.done)} done, {len(s.skipped)} skipped (already done), "
         f"{len(s.redone)} redone (outputs missing or changed), "
@@ -429,6 +443,16 @@ def _job_id(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1")
+    return value
+
+
 def _config_option(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument(
         "--config",
@@ -483,6 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(s, required=False)
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.add_argument("-v", "--verbose", action="store_true", help="show INFO log lines")
+    s.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="local processes converting studies side by side (default 1: this process)",
+    )
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS (HOST:PORT or auto), else [ray].address, else a "
+        "local Ray instance (needs pip install 'dicomnode[ray]'; docs/scale-out.md)",
+    )
+    s.add_argument(
+        "--actors", type=_positive, metavar="N", help="with --ray: actors (default [ray].actors)"
+    )
     s.set_defaults(func=cmd_batch)
 
     s = command("jobs", "list jobs, show one, or retry failed ones")

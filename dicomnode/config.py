@@ -164,6 +164,13 @@ class NodeSettings:
             description="processes receiving on the port (SO_REUSEPORT), sharing spool and index",
         ),
     ] = 1
+    worker_backend: Annotated[
+        Literal["local", "ray"],
+        Field(
+            description="where jobs run: local worker processes, or actors on the Ray cluster "
+            "of [ray] (docs/scale-out.md)"
+        ),
+    ] = "local"
 
     @model_validator(mode="after")
     def _pdu(self) -> NodeSettings:
@@ -342,6 +349,12 @@ class PipelineSettings:
     triage: tuple[TriageRule, ...] = ()
     #: Leave the empty frames out of the SEG (outputs/seg.py says when that is safe).
     omit_empty_frames: bool = False
+    #: Return an explanation map per explained label as a Parametric Map (the kind must
+    #: make them: ``lesion`` does, from its segmentation model's probabilities).
+    heat_maps: bool = False
+    #: Return a Key Object Selection with the key image of each finding (its largest
+    #: cross-section), listed in the SR.
+    key_images: bool = False
 
 
 #: Request priorities of a study, most pressing first (DICOM Requested Procedure Priority).
@@ -386,6 +399,27 @@ class Hl7Destination:
     receiving_facility: str = ""
 
 
+@dataclass(frozen=True, config=STRICT)
+class RaySettings:
+    """The Ray cluster of ``dicomnode batch --ray`` and of ``worker_backend = "ray"``, and
+    what each actor (one study or job at a time, its model sessions loaded once) reserves
+    there (docs/scale-out.md)."""
+
+    address: Annotated[
+        str,
+        Field(
+            description='"": a local Ray instance started for the run; "auto": the cluster '
+            'this machine belongs to; "HOST:PORT": the head\'s GCS address'
+        ),
+    ] = ""
+    actors: Annotated[int, Field(ge=1, le=4096, description="actors (parallel studies)")] = 2
+    num_cpus: Annotated[float, Field(ge=0, description="CPU slots per actor")] = 1.0
+    num_gpus: Annotated[
+        float, Field(ge=0, description="GPU slots per actor (0.25: four share one)")
+    ] = 0.0
+    memory_mb: Annotated[int, Field(ge=0, description="memory reserved per actor (0: none)")] = 0
+
+
 def _default_delivery() -> RetrySettings:
     return RetrySettings(max_attempts=10, backoff_initial_s=2.0)
 
@@ -401,6 +435,7 @@ class Config:
     folders: tuple[FolderDestination, ...] = ()
     hl7: tuple[Hl7Destination, ...] = ()
     priority: PrioritySettings = field(default_factory=PrioritySettings)
+    ray: RaySettings = field(default_factory=RaySettings)
     pipelines: tuple[PipelineSettings, ...] = ()
     routes: tuple[Route, ...] = ()
 

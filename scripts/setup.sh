@@ -24,6 +24,6 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-extras=${DICOMNODE_EXTRAS:-dev,train}
+extras=${DICOMNODE_EXTRAS:-dev,train,ray}
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 echo "dicomnode is set up in .venv ($(.venv/bin/dicomnode --help >/dev/null && echo ok))"

@@ -75,6 +75,7 @@ def test_imports_point_down_only() -> None:
 
 def test_third_party_frameworks_stay_in_their_layer() -> None:
     allowed = {"pynetdicom": "net", "highdicom": "outputs", "tensorflow": "-", "tf2onnx": "-"}
+    allowed["ray"] = "app"  # app/raybackend.py and app/rayjobs.py, imported only when asked
     wrong = []
     for path in runtime_modules():
         layer = path.relative_to(PACKAGE).parts[0]

@@ -9,6 +9,12 @@ Resume: a study the manifest lists as done is skipped when each of its output fi
 present and unchanged (same hash); otherwise it is done again.  The manifest is written
 after every study, so an interrupted run resumes where it stopped.  A missing input folder
 is an error; non-DICOM files are skipped with a warning.
+
+Where the studies run is a :class:`StudyRunner`: one after another in this process (the
+default), a pool of local processes (``workers``), or actors on a Ray cluster
+(:mod:`dicomnode.app.raybackend`, ``ray``).  Every runner processes a study with
+:func:`process_study`, so the files are the same; the manifest is written here, in study
+order, whatever order the studies finish in.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -40,7 +48,7 @@ from rich.text import Text
 
 from dicomnode.app.processor import Processor
 from dicomnode.config import Config
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, MissingExtraError
 from dicomnode.fsutil import write_bytes_atomically
 from dicomnode.outputs.layout import result_files
 from dicomnode.routing.select import match_routes, scan_folder, series_infos
@@ -77,6 +85,8 @@ class BatchSummary:
     redone: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Study -> where it was processed (a Ray node id; empty for local runs).
+    placement: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     manifest_json: Path = Path()
     manifest_csv: Path = Path()
@@ -131,6 +141,34 @@ def _progress(stream: TextIO, input_dir: Path, enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """One study of the input: its series' files (absolute paths) and its input folder."""
+
+    study_instance_uid: str
+    series: dict[str, list[Path]]
+    input_folder: str
+
+
+def process_study(
+    config: Config, processor: Processor, task: StudyTask, output_dir: Path
+) -> dict[str, Any]:
+    """Route and process one study into ``output_dir/<study>/``; its manifest entry
+    (without its input folder).  An error is the entry of a failed study, not raised:
+    one broken study must not stop the batch."""
+    study_uid = task.study_instance_uid
+    try:
+        return _process_study(
+            config, processor, study_uid, task.series, output_dir / study_uid, output_dir
+        )
+    except DicomNodeError as exc:
+        log.error("study %s (%s) failed: %s", study_uid, task.input_folder, exc)
+        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:
+        log.exception("study %s (%s) crashed", study_uid, task.input_folder)
+        return {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
 
 
 def _process_study(
@@ -200,6 +238,7 @@ def _csv_rows(studies: dict[str, dict[str, Any]]) -> Iterable[dict[str, Any]]:
 
 def write_manifest(output_dir: Path, studies: dict[str, dict[str, Any]]) -> tuple[Path, Path]:
     """``manifest.json`` (the resume record) and ``manifest.csv`` (one row per result)."""
+    studies = dict(sorted(studies.items()))  # the same bytes whatever order studies finish in
     as_json = output_dir / MANIFEST_JSON
     write_bytes_atomically(as_json, json.dumps({"studies": studies}, indent=2).encode())
     buffer = io.StringIO()
@@ -219,6 +258,115 @@ def _read_manifest(output_dir: Path) -> dict[str, dict[str, Any]]:
     return studies if isinstance(studies, dict) else {}
 
 
+class StudyRunner(Protocol):
+    """Runs studies somewhere; yields each with its manifest entry as it finishes."""
+
+    #: Study -> where it was processed (empty when it says nothing useful).
+    placement: dict[str, str]
+
+    def scan(self, input_dir: Path) -> dict[str, dict[str, list[Path]]]:
+        """The input's DICOM files grouped as study -> series -> paths (headers only)."""
+        ...
+
+    def run(self, tasks: Sequence[StudyTask]) -> Iterator[tuple[StudyTask, dict[str, Any]]]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialRunner:
+    """One study after another in this process (the study processor loaded once)."""
+
+    def __init__(self, config: Config, output_dir: Path) -> None:
+        self.config = config
+        self.output_dir = output_dir
+        self.processor = Processor(config)
+        self.placement: dict[str, str] = {}
+
+    def scan(self, input_dir: Path) -> dict[str, dict[str, list[Path]]]:
+        return scan_folder(input_dir)
+
+    def run(self, tasks: Sequence[StudyTask]) -> Iterator[tuple[StudyTask, dict[str, Any]]]:
+        for task in tasks:
+            yield task, process_study(self.config, self.processor, task, self.output_dir)
+
+    def close(self) -> None:
+        pass
+
+
+class _PoolWorker:
+    """The study processor of one pool process (built by the pool's initializer)."""
+
+    processor: Processor | None = None
+
+
+def _init_pool_worker(config: Config) -> None:
+    _PoolWorker.processor = Processor(config)
+
+
+def _process_in_pool(config: Config, task: StudyTask, output_dir: Path) -> dict[str, Any]:
+    assert _PoolWorker.processor is not None, "the pool's initializer did not run"
+    return process_study(config, _PoolWorker.processor, task, output_dir)
+
+
+class PoolRunner:
+    """``workers`` local processes, each with its own study processor (models loaded
+    once per process); each process takes the next study when it is free."""
+
+    def __init__(self, config: Config, output_dir: Path, workers: int) -> None:
+        self.config = config
+        self.output_dir = output_dir
+        self.workers = workers
+        self.placement: dict[str, str] = {}
+        self.pool = ProcessPoolExecutor(
+            workers, mp.get_context("spawn"), initializer=_init_pool_worker, initargs=(config,)
+        )
+
+    def scan(self, input_dir: Path) -> dict[str, dict[str, list[Path]]]:
+        return scan_folder(input_dir)
+
+    def run(self, tasks: Sequence[StudyTask]) -> Iterator[tuple[StudyTask, dict[str, Any]]]:
+        queue = list(reversed(tasks))
+        running: dict[Future[dict[str, Any]], StudyTask] = {}
+        while queue or running:
+            while queue and len(running) < 2 * self.workers:
+                task = queue.pop()
+                future = self.pool.submit(_process_in_pool, self.config, task, self.output_dir)
+                running[future] = task
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                try:
+                    entry = future.result()
+                except Exception as exc:  # the process died (BrokenProcessPool): no more
+                    entry = {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
+                yield task, entry
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def ray_runner(config: Config, output_dir: Path, address: str | None) -> StudyRunner:
+    """Studies on the Ray cluster at ``address`` (None: ``[ray].address``)."""
+    try:
+        from dicomnode.app.raybackend import RayStudyRunner
+    except ImportError as exc:
+        if exc.name != "ray":
+            raise
+        raise MissingExtraError("batch conversion on Ray (--ray)", "ray") from None
+    return RayStudyRunner(config, output_dir, config.ray.address if address is None else address)
+
+
+def _tasks(studies: dict[str, dict[str, list[Path]]], input_dir: Path) -> list[StudyTask]:
+    return [
+        StudyTask(
+            uid,
+            series,
+            _input_folder((p for paths in series.values() for p in paths), input_dir),
+        )
+        for uid, series in sorted(studies.items())
+    ]
+
+
 def run_batch(
     config: Config,
     input_dir: Path,
@@ -226,35 +374,61 @@ def run_batch(
     stream: TextIO = sys.stderr,
     *,
     progress: bool = True,
+    workers: int = 1,
+    ray: bool = False,
+    ray_address: str | None = None,
+    runner: StudyRunner | None = None,
 ) -> BatchSummary:
+    """Convert every study under ``input_dir`` into ``output_dir``.
+
+    ``workers`` > 1 runs studies in that many local processes; ``ray`` runs them on a Ray
+    cluster (``ray_address``, else ``[ray].address``; its actors from ``[ray]``), where the
+    input is also scanned (headers only) in parallel.  A ``runner`` given is used instead
+    (and left open: its caller closes it)."""
     if not input_dir.is_dir():
         raise BatchError(f"input folder {input_dir} does not exist or is not a folder")
     started = time.perf_counter()
-    studies = scan_folder(input_dir)
-    processor = Processor(config)
-    summary = BatchSummary()
+    input_dir, output_dir = input_dir.resolve(), output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    if runner is not None:
+        return _run(runner, input_dir, output_dir, stream, progress, started)
+    chosen: StudyRunner
+    if ray:
+        chosen = ray_runner(config, output_dir, ray_address)
+    elif workers > 1:
+        chosen = PoolRunner(config, output_dir, workers)
+    else:
+        chosen = SerialRunner(config, output_dir)
+    try:
+        return _run(chosen, input_dir, output_dir, stream, progress, started)
+    finally:
+        chosen.close()
+
+
+def _run(
+    runner: StudyRunner,
+    input_dir: Path,
+    output_dir: Path,
+    stream: TextIO,
+    progress: bool,
+    started: float,
+) -> BatchSummary:
+    tasks = _tasks(runner.scan(input_dir), input_dir)
+    summary = BatchSummary()
     manifest = _read_manifest(output_dir)
     with _progress(stream, input_dir, progress) as bar:
-        task = bar.add_task("studies", total=len(studies), study="")
-        for study_uid, series in sorted(studies.items()):
-            folder = _input_folder((p for paths in series.values() for p in paths), input_dir)
-            bar.update(task, study=folder)
-            earlier = manifest.get(study_uid)
+        bar_task = bar.add_task("studies", total=len(tasks), study="")
+        to_do = []
+        for task in tasks:
+            earlier = manifest.get(task.study_instance_uid)
             if earlier is not None and _unchanged(earlier, output_dir):
-                summary.skipped.append(study_uid)
-                bar.advance(task)
-                continue
-            try:
-                entry = _process_study(
-                    config, processor, study_uid, series, output_dir / study_uid, output_dir
-                )
-            except DicomNodeError as exc:
-                entry = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                log.error("study %s (%s) failed: %s", study_uid, folder, exc)
-            except Exception as exc:  # one broken study must not stop the batch
-                entry = {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
-                log.exception("study %s (%s) crashed", study_uid, folder)
+                summary.skipped.append(task.study_instance_uid)
+                bar.advance(bar_task)
+            else:
+                to_do.append(task)
+        for task, entry in runner.run(to_do):
+            study_uid, folder = task.study_instance_uid, task.input_folder
+            earlier = manifest.get(study_uid)
             if entry["state"] == "done":
                 if earlier is not None and earlier.get("state") == "done":
                     summary.redone.append(study_uid)
@@ -269,7 +443,8 @@ def run_batch(
                 summary.failed[study_uid] = entry["error"]
             manifest[study_uid] = {"input_folder": folder, **entry}
             summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
-            bar.advance(task)
+            bar.update(bar_task, advance=1, study=folder)
     summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
+    summary.placement = dict(runner.placement)
     summary.seconds = time.perf_counter() - started
     return summary
