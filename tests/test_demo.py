@@ -24,4 +24,9 @@ def test_demo_returns_results_that_match_the_ground_truth(tmp_path: Path) -> Non
     assert "QIDO-RS GET" in text and "SEG " in text
     assert "[COMPLETED]" in text or "[IN PROGRESS]" in text  # the SR's answer may be in flight
     assert (tmp_path / "preview.png").stat().st_size > 1000
-    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 2
+    # the heat map and the key image of each finding (issue 12)
+    assert re.search(r"heat map \(Parametric Map .*\): segmentation probability of lesion", text)
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
+    keys = re.findall(r"^  lesion \d+: image \d+ \(slice \d+ of 32\)", text, re.M)
+    assert len(keys) == 3
+    assert len(list((tmp_path / "pacs").glob("*.dcm"))) == 4  # SEG, heat map, KOS, SR

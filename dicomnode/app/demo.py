@@ -2,8 +2,9 @@
 
 Starts the node on a free port with its embedded defaults, starts a local storage SCP
 playing the PACS, generates a synthetic CT with lesions of known position and size, sends
-it by C-STORE, waits for the SEG + SR to come back, and prints the findings next to the
-ground truth with a PNG preview of the segmentation.
+it by C-STORE, waits for the results to come back (SEG, heat map, key images, SR), and
+prints the findings next to the ground truth with a PNG preview of the segmentation, the
+key image of each finding and a PNG of the heat map over its CT.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydicom.dataset import Dataset
 from dicomnode.app.node import Node
 from dicomnode.config import Config, LogLevel, Remote, default_config_path, load_config
 from dicomnode.imaging.series import load_volume
-from dicomnode.imaging.volume import Pixels
+from dicomnode.imaging.volume import Pixels, Volume
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.synthetic.phantom import Phantom, PhantomSpec, generate_phantom, write_phantom
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 PACS_AE = "DEMOPACS"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+#: What the PACS receives for a study with lesions: SEG, heat map, key images, SR.
+RESULT_OBJECTS = 4
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,16 @@ def demo_config(work: Path, pacs_port: int, log_level: LogLevel = "WARNING") -> 
     completeness = dataclasses.replace(base.completeness, quiet_period_s=2.0, poll_interval_s=0.2)
     remotes = (Remote("demo-pacs", PACS_AE, "127.0.0.1", pacs_port, 30.0),)
     http = dataclasses.replace(base.http, port=0)
+    pipelines = tuple(
+        dataclasses.replace(p, heat_maps=True, key_images=True) for p in base.pipelines
+    )
     return dataclasses.replace(
-        base, node=node, http=http, completeness=completeness, remotes=remotes
+        base,
+        node=node,
+        http=http,
+        completeness=completeness,
+        remotes=remotes,
+        pipelines=pipelines,
     )
 
 
@@ -206,9 +219,9 @@ def run_demo(
             f"waiting for the quiet period ({config.completeness.quiet_period_s:.0f} s), "
             "inference and delivery...\n"
         )
-        received = pacs.wait_for(2, timeout=300)
+        received = pacs.wait_for(RESULT_OBJECTS, timeout=300)
         turnaround = time.perf_counter() - t0 - sent
-        if len(received) < 2:
+        if len(received) < RESULT_OBJECTS:
             jobs = node.jobs.list_jobs()
             out.write(
                 "FAILED: results did not arrive; jobs: "
@@ -216,8 +229,8 @@ def run_demo(
             )
             return False
         out.write(
-            f"SEG + SR received by the PACS {turnaround:.1f} s after the last instance "
-            f"(quiet period included)\n"
+            f"SEG, heat map, key images and SR received by the PACS {turnaround:.1f} s after "
+            "the last instance (quiet period included)\n"
         )
         return _report(phantom, files, received, node, work, out)
     finally:
@@ -264,7 +277,7 @@ def _report(
     volume = load_volume(files)
     by_class = {str(dcmread(p, stop_before_pixels=True).SOPClassUID): p for p in received}
     seg_path = by_class.get(SEG_CLASS)
-    sr_path = next(p for c, p in by_class.items() if c != SEG_CLASS)
+    sr_path = next(p for c, p in by_class.items() if c not in (SEG_CLASS, PM_CLASS, KOS_CLASS))
     assert seg_path is not None
     mask = read_seg_mask(seg_path, list(volume.sop_instance_uids))
     uid_order = {ds.SOPInstanceUID: k for k, ds in enumerate(phantom.datasets)}
@@ -289,7 +302,35 @@ def _report(
             f"triage priority: {jobs[0].triage_priority} "
             "(recorded in the job, written into the SR)\n"
         )
+    _show_explanations(by_class, volume, work, out)
     _show_qido(node, phantom.datasets[0].StudyInstanceUID, out)
     k = write_preview(volume.pixels, mask, truth, work / "preview.png")
     out.write(f"preview (slice {k}, red = SEG, green = truth outline): {work / 'preview.png'}\n")
+    if node.http is not None:
+        out.write(
+            f"study page (findings, key images, heat map): http://127.0.0.1:{node.http.port}"
+            f"/studies/{phantom.datasets[0].StudyInstanceUID}\n"
+        )
     return d > 0.5
+
+
+def _show_explanations(by_class: dict[str, Path], volume: Volume, work: Path, out: TextIO) -> None:
+    """The key images (from the KOS) and the heat map (its hottest slice over the CT, as
+    the web study page draws it)."""
+    from dicomnode.web.render import read_heat_map, read_key_images, render_heat_map
+
+    kos_path, pm_path = by_class.get(KOS_CLASS), by_class.get(PM_CLASS)
+    if kos_path is not None:
+        out.write(f"key images (KOS {kos_path.name}):\n")
+        for line in read_key_images(kos_path):
+            out.write(f"  {line}\n")
+    if pm_path is None:
+        out.write("no heat map came back\n")
+        return
+    heat = read_heat_map(pm_path)
+    k = volume.sop_instance_uids.index(heat.sop_instance_uid)
+    (work / "heatmap.png").write_bytes(render_heat_map(volume.source_paths[k], heat))
+    out.write(
+        f"heat map (Parametric Map {pm_path.name}): {heat.explanation}, "
+        f"max {heat.probabilities.max():.2f} on slice {k}: {work / 'heatmap.png'}\n"
+    )

@@ -1,4 +1,9 @@
-"""The study processor: one series through the chain volume -> pipeline -> SEG + SR files.
+"""The study processor: one series through the chain volume -> pipeline -> result files.
+
+The files: a SEG when the result has masks, a Parametric Map per heat map (a pipeline with
+``heat_maps = true``), a Key Object Selection with the key image of each finding (a
+pipeline with ``key_images = true`` and a result with findings), and the SR, which lists
+the others as evidence; they are sent in that order.
 
 Shared by the node's job workers and by batch conversion, so both produce the same
 objects from the same input.  Pipelines (ONNX sessions) are loaded once per process.
@@ -28,6 +33,7 @@ from dicomnode.imaging.series import (
     volume_from_datasets,
 )
 from dicomnode.jobs.store import Job, JobStore
+from dicomnode.outputs.ko import build_key_object_selection
 from dicomnode.outputs.layout import (
     ResultFiles,
     job_folder,
@@ -35,6 +41,7 @@ from dicomnode.outputs.layout import (
     result_files,
     results_root,
 )
+from dicomnode.outputs.pm import build_parametric_map
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_measurement_report
 from dicomnode.pipelines.base import Pipeline
@@ -60,11 +67,20 @@ class SeriesOutput:
     priority: str | None = None
     #: What the HL7 result message says of this series.
     result: SeriesResult | None = None
+    #: The heat maps (Parametric Maps), one per explained label.
+    heat_maps: tuple[Path, ...] = ()
+    #: The key images of the findings (Key Object Selection); None without findings.
+    key_images: Path | None = None
 
     @property
     def files(self) -> list[Path]:
-        """The files written, in the order they are sent (the SEG before the SR)."""
-        return [p for p in (self.segmentation, self.report) if p is not None]
+        """The files written, in the order they are sent: what the SR references (SEG,
+        heat maps, key images) before the SR."""
+        return [
+            p
+            for p in (self.segmentation, *self.heat_maps, self.key_images, self.report)
+            if p is not None
+        ]
 
 
 def summarise(result: PipelineResult) -> dict[str, Any]:
@@ -87,6 +103,18 @@ def summarise(result: PipelineResult) -> dict[str, Any]:
             {"label": c.label.name, "probability": round(c.probability, 4), "positive": c.positive}
             for c in result.classifications
         ],
+        "key_images": [
+            {
+                "tracking_id": f.tracking_id,
+                "slice": f.key_slice_index,
+                "sop_instance_uid": result.volume.sop_instance_uids[f.key_slice_index],
+            }
+            for f in result.findings
+        ],
+        "heat_maps": [
+            {"label": h.label.name, "method": h.method, "max": round(int(h.values.max()) / 255, 3)}
+            for h in result.heat_maps
+        ],
     }
 
 
@@ -103,6 +131,69 @@ def hl7_result(result: PipelineResult, report: Dataset) -> SeriesResult:
             for c in result.classifications
         ),
     )
+
+
+@dataclass(frozen=True)
+class BuiltResults:
+    """The objects of one result, before they are written."""
+
+    segmentation: Dataset | None
+    heat_maps: tuple[Dataset, ...]
+    key_images: Dataset | None
+    report: Dataset
+
+
+def build_results(
+    result: PipelineResult,
+    sources: Sequence[Dataset],
+    uid_seed: str,
+    *,
+    generation: int = 1,
+    previous: Sequence[Dataset] = (),
+    priority: str | None = None,
+    omit_empty_frames: bool = False,
+    key_images: bool = True,
+) -> BuiltResults:
+    """SEG (masks), Parametric Maps (heat maps), KOS (``key_images`` and findings) and the
+    SR that lists them."""
+    seg = (
+        build_segmentation(
+            result,
+            sources,
+            uid_seed=uid_seed,
+            instance_number=generation,
+            omit_empty_frames=omit_empty_frames,
+        )
+        if result.segments
+        else None
+    )
+    heat_maps = tuple(
+        build_parametric_map(
+            result,
+            sources,
+            index=i,
+            series_number=9003 + 10 * i,
+            uid_seed=uid_seed,
+            instance_number=generation,
+        )
+        for i in range(len(result.heat_maps))
+    )
+    kos = (
+        build_key_object_selection(result, sources, uid_seed=uid_seed, instance_number=generation)
+        if key_images and result.findings
+        else None
+    )
+    sr = build_measurement_report(
+        result,
+        sources,
+        seg,
+        uid_seed=uid_seed,
+        instance_number=generation,
+        previous_versions=previous,
+        priority=priority,
+        related=[*heat_maps, *([] if kos is None else [kos])],
+    )
+    return BuiltResults(seg, heat_maps, kos, sr)
 
 
 def _write(ds: Dataset, path: Path) -> None:
@@ -137,10 +228,7 @@ class Processor:
             started = time.monotonic()
             try:
                 result = self.pipeline(settings.name).run(volume, uid_seed="warm-up")
-                seg = None
-                if result.segments:
-                    seg = build_segmentation(result, phantom.datasets, uid_seed="warm-up")
-                build_measurement_report(result, phantom.datasets, seg, uid_seed="warm-up")
+                build_results(result, phantom.datasets, "warm-up")
             except Exception as exc:  # the job reports it, with the study it concerns
                 log.warning("pipeline %s: warm-up failed: %s", settings.name, exc)
                 continue
@@ -169,30 +257,27 @@ class Processor:
         priority = evaluate_triage(rules, result) if rules else None
         sources = source_datasets(volume, dict(zip(choice.paths, choice.headers, strict=False)))
         previous = [dcmread(p, stop_before_pixels=True) for p in previous_reports if p.is_file()]
-        omit = self.config.pipeline(pipeline).omit_empty_frames
-        seg = (
-            build_segmentation(
-                result,
-                sources,
-                uid_seed=uid_seed,
-                instance_number=generation,
-                omit_empty_frames=omit,
-            )
-            if result.segments
-            else None
-        )
-        sr = build_measurement_report(
+        settings = self.config.pipeline(pipeline)
+        built = build_results(
             result,
             sources,
-            seg,
-            uid_seed=uid_seed,
-            instance_number=generation,
-            previous_versions=previous,
+            uid_seed,
+            generation=generation,
+            previous=previous,
             priority=priority,
+            omit_empty_frames=settings.omit_empty_frames,
+            key_images=settings.key_images,
         )
+        seg, sr = built.segmentation, built.report
         remove_partial_files(files.report.parent)  # left by a run that was killed
         if seg is not None:
             _write(seg, files.segmentation)
+        heat_maps = []
+        for i, pm in enumerate(built.heat_maps):
+            heat_maps.append(files.heat_map_of(i))
+            _write(pm, heat_maps[-1])
+        if built.key_images is not None:
+            _write(built.key_images, files.key_images)
         _write(sr, files.report)
         summary = summarise(result)
         summary["stack"] = choice.note
@@ -205,6 +290,8 @@ class Processor:
             summary,
             priority,
             hl7_result(result, sr),
+            tuple(heat_maps),
+            files.key_images if built.key_images is not None else None,
         )
 
     def process_job(

@@ -8,9 +8,11 @@ datasets) before highdicom sees them, so that an invalid argument fails with an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -22,6 +24,8 @@ from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code
 from dicomnode.pipelines.results import AlgorithmInfo, PipelineResult
 from dicomnode.uids import UID_ROOT
+
+ArrayT = TypeVar("ArrayT", bound=np.generic)
 
 MANUFACTURER = "dicomnode"
 DISCLAIMER_SUFFIX = " - not for diagnostic use"
@@ -331,3 +335,29 @@ def _check_multiframe_sources(
             header.label, k, list(header.orientation), list(header.position), result
         )
     return [distinct[uid] for uid in expected]
+
+
+def multiframe_layout(
+    result: PipelineResult, source: Dataset, masks: npt.NDArray[ArrayT]
+) -> tuple[npt.NDArray[ArrayT], list[hd.PlanePositionSequence] | None]:
+    """The frames (SEG masks, heat map values) and plane positions to give highdicom for a
+    multi-frame source.
+
+    Every frame used once: masks in source frame order, no positions (highdicom pairs
+    frame i with source frame i + 1).  Some frames: masks in slice order at the positions
+    of their source frames, which highdicom matches to the source by position.
+    """
+    frames = np.asarray(result.volume.source_frames)
+    count = int(source.NumberOfFrames)
+    if sorted(frames.tolist()) == list(range(1, count + 1)):
+        ordered = np.empty_like(masks)
+        ordered[frames - 1] = masks
+        return ordered, None
+    positions = {h.frame: h.position for h in read_frames(source, "source instance")}
+    planes = [
+        hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT, [float(v) for v in positions[int(f)]]
+        )
+        for f in frames
+    ]
+    return masks, planes

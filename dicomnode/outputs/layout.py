@@ -1,6 +1,7 @@
 """Where result files live: the one definition of the results-folder layout.
 
-Node results: ``<data_dir>/results/job-<id>/<series>-<route>-seg.dcm`` (and ``-sr.dcm``);
+Node results: ``<data_dir>/results/job-<id>/<series>-<route>-seg.dcm`` (and ``-pm.dcm``, the
+heat map; ``-ko.dcm``, the key images; ``-sr.dcm``);
 folder destinations copy them to ``<folder>/job-<id>/``; batch conversion writes
 ``<out>/<study>/<series>-<route>-seg.dcm``.  The route is part of the name, so two routes
 on one series never overwrite each other's files.
@@ -20,6 +21,16 @@ class ResultFiles:
 
     segmentation: Path
     report: Path
+    #: The heat map (Parametric Map), when the pipeline makes one.
+    heat_map: Path
+    #: The key images (Key Object Selection), when the result has findings.
+    key_images: Path
+
+    def heat_map_of(self, index: int) -> Path:
+        """Heat map ``index`` (0-based): ``-pm.dcm``, then ``-pm2.dcm``, ``-pm3.dcm`` ..."""
+        if index == 0:
+            return self.heat_map
+        return self.heat_map.with_name(self.heat_map.name.replace("-pm.dcm", f"-pm{index + 1}.dcm"))
 
 
 def job_folder(root: Path, job_id: int) -> Path:
@@ -34,7 +45,12 @@ def results_root(data_dir: Path) -> Path:
 
 def result_files(folder: Path, series_uid: str, route: str) -> ResultFiles:
     stem = f"{series_uid}-{route}"
-    return ResultFiles(folder / f"{stem}-seg.dcm", folder / f"{stem}-sr.dcm")
+    return ResultFiles(
+        folder / f"{stem}-seg.dcm",
+        folder / f"{stem}-sr.dcm",
+        folder / f"{stem}-pm.dcm",
+        folder / f"{stem}-ko.dcm",
+    )
 
 
 #: Notifications about a job's results (the HL7 ORU): sent once the results are answered.

@@ -36,7 +36,6 @@ from pydicom.dataset import Dataset
 
 from dicomnode import __version__
 from dicomnode.errors import OutputError
-from dicomnode.imaging.headers import read_frames
 from dicomnode.outputs.common import (
     IHE_CODING_SCHEME,
     LO_MAX,
@@ -46,6 +45,7 @@ from dicomnode.outputs.common import (
     check_code,
     check_source_datasets,
     coded,
+    multiframe_layout,
     new_uid,
     plain,
     series_description,
@@ -118,31 +118,6 @@ def _stack_masks(segments: Sequence[SegmentResult]) -> npt.NDArray[np.bool_]:
     return np.stack([s.mask for s in segments], axis=-1)
 
 
-def _multiframe_layout(
-    result: PipelineResult, source: Dataset, masks: npt.NDArray[np.bool_]
-) -> tuple[npt.NDArray[np.bool_], list[hd.PlanePositionSequence] | None]:
-    """The masks and plane positions to give highdicom for a multi-frame source.
-
-    Every frame used once: masks in source frame order, no positions (highdicom pairs
-    frame i with source frame i + 1).  Some frames: masks in slice order at the positions
-    of their source frames, which highdicom matches to the source by position.
-    """
-    frames = np.asarray(result.volume.source_frames)
-    count = int(source.NumberOfFrames)
-    if sorted(frames.tolist()) == list(range(1, count + 1)):
-        ordered = np.empty_like(masks)
-        ordered[frames - 1] = masks
-        return ordered, None
-    positions = {h.frame: h.position for h in read_frames(source, "source instance")}
-    planes = [
-        hd.PlanePositionSequence(
-            hd.CoordinateSystemNames.PATIENT, [float(v) for v in positions[int(f)]]
-        )
-        for f in frames
-    ]
-    return masks, planes
-
-
 def _narrow_references(seg: Dataset, frames: set[int]) -> None:
     """Keep, in each frame's Derivation Image Sequence, only the source frames of the
     volume (highdicom names every frame at the position: those of other phases too)."""
@@ -206,7 +181,7 @@ def build_segmentation(
                 f"result.volume spans {len(sources)} multi-frame instances; a SEG derives "
                 "from one multi-frame instance (or single-frame images)"
             )
-        masks, planes = _multiframe_layout(result, sources[0], masks)
+        masks, planes = multiframe_layout(result, sources[0], masks)
     if not isinstance(omit_empty_frames, bool):
         raise OutputError(f"omit_empty_frames must be a bool, not {plain(omit_empty_frames)!r}")
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):

@@ -18,6 +18,8 @@ TID 1500 "Measurement Report" (PS3.16) at its root, as IHE AI Results (AIR) and 
 - one TID 1501 group per :class:`Classification`: the finding present/absent and its
   probability; one TID 1501 group "absent" per segment without findings, so that a
   result with nothing found is still a complete, explicit report;
+- the other objects of the result (heat maps, key object selection) beside the source
+  images and the SEG in the Current Requested Procedure Evidence Sequence;
 - each model in the Contributing Equipment Sequence with (1630, 99IHE, "Processing
   Algorithm"); VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag
   PRELIMINARY (nobody has read it yet).
@@ -170,6 +172,24 @@ def _check_findings(result: PipelineResult, segment_numbers: set[int]) -> None:
         _finite(finding.mean_hu, f"{where}.mean_hu")
         if any(not 0 <= k < n_slices for k in finding.slice_indices):
             raise OutputError(f"{where}.slice_indices lie outside the volume's {n_slices} slices")
+
+
+def _check_related(related: Sequence[Dataset], result: PipelineResult) -> list[Dataset]:
+    """Objects of the result's study, each with its SOP class and instance UIDs."""
+    if isinstance(related, Dataset) or not isinstance(related, Sequence):
+        raise OutputError("related must be a sequence of pydicom Datasets")
+    study = result.volume.study_instance_uid
+    for i, ds in enumerate(related):
+        where = f"related[{i}]"
+        if not isinstance(ds, Dataset):
+            raise OutputError(f"{where} is a {type(ds).__name__}, not a pydicom Dataset")
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            raise OutputError(f"{where} has no SOPClassUID/SOPInstanceUID")
+        if ds.get("StudyInstanceUID") != study:
+            raise OutputError(
+                f"{where}.StudyInstanceUID is {ds.get('StudyInstanceUID')}, expected {study}"
+            )
+    return list(related)
 
 
 def _check_classifications(classifications: Sequence[Classification]) -> None:
@@ -375,7 +395,7 @@ def _measurement_report(
     return root
 
 
-def _device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
+def device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
     """TID 1002 with TID 1004: one model as a device observer."""
     return hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -396,9 +416,9 @@ def _observation_context(models: Sequence[AlgorithmInfo]) -> hd.sr.ObservationCo
     own algorithm identification (TID 4019).
     """
     primary, *others = models
-    context = hd.sr.ObservationContext(observer_device_context=_device_observer(primary))
+    context = hd.sr.ObservationContext(observer_device_context=device_observer(primary))
     for model in others:
-        context.extend(_device_observer(model))
+        context.extend(device_observer(model))
     return context
 
 
@@ -455,6 +475,7 @@ def build_measurement_report(
     uid_seed: str | None = None,
     previous_versions: Sequence[Dataset] = (),
     priority: str | None = None,
+    related: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build a Comprehensive 3D SR with a TID 1500 Measurement Report for ``result``.
 
@@ -483,6 +504,11 @@ def build_measurement_report(
         The triage priority (``urgent``, ``review``, ``routine``) given to the result; when
         given, a last TID 1501 group carries it as a qualitative evaluation
         (:data:`PRIORITY` = one of :data:`PRIORITY_CODES`).
+    related
+        The other objects of the same result: heat maps (Parametric Maps) and the key
+        object selection.  They are listed, with the source images and the SEG, in the
+        Current Requested Procedure Evidence Sequence, as IHE AIR asks of a report for
+        every object of the result.
 
     Raises
     ------
@@ -510,6 +536,7 @@ def build_measurement_report(
         raise OutputError(
             f"priority must be one of {', '.join(PRIORITY_CODES)}, not {plain(priority)!r}"
         )
+    related = _check_related(related, result)
     groups = _groups(result, segmentation, uid_seed)
     if not groups:
         raise OutputError("result has no findings, classifications or segments: nothing to report")
@@ -521,7 +548,11 @@ def build_measurement_report(
     try:
         root = _measurement_report(result, source_datasets, groups, procedures)
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*source_datasets, *([] if segmentation is None else [segmentation])],
+            evidence=[
+                *source_datasets,
+                *([] if segmentation is None else [segmentation]),
+                *related,
+            ],
             content=root,
             series_instance_uid=new_uid(uid_seed, "sr", "series"),
             series_number=series_number,

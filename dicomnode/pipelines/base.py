@@ -34,6 +34,25 @@ class Pipeline(Protocol):
         ...
 
 
+@runtime_checkable
+class ExplainingPipeline(Protocol):
+    """A pipeline that can explain its results with heat maps (``heat_maps = true``).
+
+    A kind whose pipelines do says so with ``explains = True`` (checked before any
+    session is opened); :func:`dicomnode.pipelines.registry.build_pipeline` then asks the
+    built pipeline for its explaining variant."""
+
+    def with_heat_maps(self) -> Pipeline:
+        """The same pipeline, its results carrying :class:`~dicomnode.pipelines.results.
+        HeatMap` s."""
+        ...
+
+
+def explains(kind: object) -> bool:
+    """Whether a kind's pipelines make heat maps (its optional ``explains`` attribute)."""
+    return bool(getattr(kind, "explains", False))
+
+
 @dataclass(frozen=True)
 class BundleRole:
     """A model bundle a kind uses: the task its card must declare, and whether it is

@@ -2,14 +2,19 @@
 
 Findings are the connected components (26-connectivity) of each thresholded label, measured
 on the source grid in patient millimetres: volume, longest diameter (largest distance
-between voxel centres of the component's surface), mean HU and centroid.
+between voxel centres of the component's surface), mean HU, centroid and key slice (the
+slice where its cross-section is largest: the Key Object Selection points there).
+
+With ``heat_maps`` (the pipeline setting), the segmentation model's probability map of
+each label is kept, quantised to uint8, as the explanation of that label's findings and of
+the classifier's result for the same finding: the node returns it as a Parametric Map.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -24,8 +29,10 @@ from dicomnode.inference.slabs import iter_slabs, slab_slices
 from dicomnode.pipelines.base import BundleRole, Pipeline
 from dicomnode.pipelines.classification import aggregate, algorithm_of
 from dicomnode.pipelines.results import (
+    HEAT_MAP_LEVELS,
     AlgorithmInfo,
     Finding,
+    HeatMap,
     PipelineResult,
     SegmentResult,
 )
@@ -124,6 +131,7 @@ def measure_components(
         pts = volume.voxel_to_patient(np.argwhere(surface) + offset)
         all_idx = np.argwhere(local) + offset
         hu = volume.pixels[box][local].astype(np.float32)  # float32 sums, int16 or not
+        per_slice = local.reshape(len(local), -1).sum(axis=1)
         centroid = volume.voxel_to_patient(all_idx.mean(axis=0))
         findings.append(
             Finding(
@@ -138,6 +146,7 @@ def measure_components(
                 voxel_count=int(sizes[comp]),
                 slice_indices=tuple(sorted({int(k) for k in all_idx[:, 0]})),
                 algorithm=algorithm,
+                key_slice=int(offset[0] + np.argmax(per_slice)),
             )
         )
     return cleaned, findings
@@ -149,14 +158,27 @@ class LesionPipeline:
 
     segmentation: BundleRunner
     classification: BundleRunner | None = None
+    #: Keep the probability map of each label as its explanation (:class:`HeatMap`).
+    heat_maps: bool = False
 
     @property
     def algorithm(self) -> AlgorithmInfo:
         return algorithm_of(self.segmentation)
 
+    def with_heat_maps(self) -> LesionPipeline:
+        """The same pipeline, returning each label's probability map as a heat map."""
+        return replace(self, heat_maps=True)
+
     def run(self, volume: Volume, uid_seed: str) -> PipelineResult:
         card = self.segmentation.card
-        masks, per_slice = self.infer(volume)
+        maps = (
+            [np.zeros(volume.shape, dtype=np.uint8) for _ in card.labels] if self.heat_maps else []
+        )
+        masks, per_slice = self.infer(volume, maps)
+        heat_maps = tuple(
+            HeatMap(label, values, "segmentation probability", algorithm_of(self.segmentation))
+            for label, values in zip(card.labels, maps, strict=False)
+        )
         segments, findings = [], []
         for number, label in enumerate(card.labels, start=1):
             raw = masks.pop(0)
@@ -185,13 +207,15 @@ class LesionPipeline:
             findings=tuple(findings),
             classifications=tuple(classifications),
             algorithm=self.algorithm,
+            heat_maps=heat_maps,
         )
 
     def infer(
-        self, volume: Volume
+        self, volume: Volume, maps: list[npt.NDArray[np.uint8]] | None = None
     ) -> tuple[list[npt.NDArray[np.bool_]], npt.NDArray[np.float32] | None]:
         """The thresholded mask of each label (card order) and, with a classifier, its
-        per-slice probabilities (slices, channels).
+        per-slice probabilities (slices, channels).  ``maps`` (one per label, of the
+        volume's shape), when given, receive the quantised probabilities.
 
         The volume is streamed through both models in slabs
         (:mod:`dicomnode.inference.slabs`), prepared once when their preprocessing is the
@@ -222,6 +246,9 @@ class LesionPipeline:
             probs = seg.segment_slab(slab)
             for mask, label in zip(masks, card.labels, strict=True):
                 _threshold_into(mask, slab.start, probs[label.index], label.threshold)
+            if maps:
+                for values, label in zip(maps, card.labels, strict=True):
+                    _quantise_into(values, slab.start, probs[label.index])
             del probs
             if cls is not None:
                 per_slice.append(cls.classify_slab(slab if others is None else next(others)))
@@ -240,6 +267,18 @@ def _threshold_into(
         mask[start + rows] = hit[rows]
 
 
+def _quantise_into(
+    values: npt.NDArray[np.uint8], start: int, probs: npt.NDArray[np.float32]
+) -> None:
+    """``values[start:start + len(probs)]`` = the probabilities as 0..255, writing only
+    the slices with a non-zero level (as :func:`_threshold_into`, the rest stays
+    untouched pages)."""
+    levels = np.rint(np.clip(probs, 0.0, 1.0) * HEAT_MAP_LEVELS).astype(np.uint8)
+    rows = np.flatnonzero(levels.reshape(len(levels), -1).any(axis=1))
+    if len(rows):
+        values[start + rows] = levels[rows]
+
+
 class LesionKind:
     """``kind = "lesion"``: ``bundles.segmentation`` (required), ``bundles.classification``
     (optional); a SEG with one segment per label and an SR with the findings."""
@@ -249,6 +288,8 @@ class LesionKind:
         "classification": BundleRole("classification", required=False),
     }
     emits_segmentation = True
+    #: ``heat_maps = true`` is supported: the segmentation model's probability maps.
+    explains = True
 
     def build(self, runners: Mapping[str, BundleRunner]) -> Pipeline:
         return LesionPipeline(runners["segmentation"], runners.get("classification"))

@@ -26,7 +26,7 @@ from dicomnode.config import PipelineSettings
 from dicomnode.errors import ConfigError, DicomNodeError, ModelError
 from dicomnode.inference.card import Bundle, load_bundle
 from dicomnode.inference.runner import BundleRunner
-from dicomnode.pipelines.base import Pipeline, PipelineKind
+from dicomnode.pipelines.base import ExplainingPipeline, Pipeline, PipelineKind, explains
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def check_pipeline(settings: PipelineSettings) -> dict[str, Bundle]:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     errors: list[str] = []
+    if settings.heat_maps and not explains(kind):
+        errors.append(f"{where}: heat_maps = true, but kind {settings.kind!r} makes no heat maps")
     for role, required in kind.roles.items():
         if required.required and role not in settings.bundles:
             errors.append(f"{where}: bundles.{role} is required by kind {settings.kind!r}")
@@ -118,6 +120,13 @@ def build_pipeline(settings: PipelineSettings) -> Pipeline:
         for role, bundle in bundles.items()
     }
     pipeline = get_kind(settings.kind).build(runners)
+    if settings.heat_maps:
+        if not isinstance(pipeline, ExplainingPipeline):
+            raise ModelError(
+                f"pipeline kind {settings.kind!r} says it explains, but its "
+                f"{type(pipeline).__name__} has no with_heat_maps()"
+            )
+        pipeline = pipeline.with_heat_maps()
     if not isinstance(pipeline, Pipeline):
         raise ModelError(f"pipeline kind {settings.kind!r} built a {type(pipeline).__name__}")
     return pipeline

@@ -64,6 +64,16 @@ class Finding:
     slice_indices: tuple[int, ...]
     #: The model that found it; None: the result's :attr:`PipelineResult.algorithm`.
     algorithm: AlgorithmInfo | None = None
+    #: The slice where the finding's cross-section is largest (its key image); None:
+    #: unknown (a finding made by hand), the middle of ``slice_indices`` is taken.
+    key_slice: int | None = None
+
+    @property
+    def key_slice_index(self) -> int:
+        """The finding's key slice: :attr:`key_slice`, else the middle of its slices."""
+        if self.key_slice is not None:
+            return self.key_slice
+        return self.slice_indices[len(self.slice_indices) // 2]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,27 @@ class Classification:
     probability: float
     positive: bool
     #: The classifier; None: the result's :attr:`PipelineResult.algorithm`.
+    algorithm: AlgorithmInfo | None = None
+
+
+#: Values of a :class:`HeatMap`: 0..:data:`HEAT_MAP_LEVELS` for 0..1.
+HEAT_MAP_LEVELS = 255
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """An explanation of a label's result, voxel by voxel on the volume's grid.
+
+    ``values`` (slices, rows, columns) hold the model's output for ``label`` quantised to
+    uint8: ``v / HEAT_MAP_LEVELS`` is the probability (a quarter of the memory of float32;
+    a step of 0.004 is finer than any threshold a card sets).  ``method`` says what the
+    values are (``"segmentation probability"``): the Parametric Map's LUT explanation.
+    ``algorithm`` is the model that made them; None: the result's algorithm.
+    """
+
+    label: Label
+    values: npt.NDArray[np.uint8]
+    method: str
     algorithm: AlgorithmInfo | None = None
 
 
@@ -91,8 +122,12 @@ class PipelineResult:
     findings: tuple[Finding, ...]
     classifications: tuple[Classification, ...]
     algorithm: AlgorithmInfo
+    #: Explanation maps (a pipeline with ``heat_maps = true``): one per explained label.
+    heat_maps: tuple[HeatMap, ...] = ()
 
-    def algorithm_of(self, item: SegmentResult | Finding | Classification) -> AlgorithmInfo:
+    def algorithm_of(
+        self, item: SegmentResult | Finding | Classification | HeatMap
+    ) -> AlgorithmInfo:
         """The model (with its parameters) that produced ``item``."""
         return self.algorithm if item.algorithm is None else item.algorithm
 

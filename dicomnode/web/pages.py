@@ -6,6 +6,7 @@ Routes (mounted by :func:`dicomnode.web.app.create_app` through ``extra_routes``
 ``/studies/{uid}``                      study: series, findings (from the SR), key slices,
                                         jobs and every delivery attempt (view audited)
 ``/jobs/{id}/slices/{series}/{n}.png``  a key slice of a SEG over its CT
+``/jobs/{id}/heatmap/{series}.png``     the heat map's hottest slice over its CT
 ``/jobs``                               jobs, the dead-lettered ones first, with retry
 ``/jobs/{id}/retry`` (POST)             :meth:`Outbox.retry_job`
 ``/static/...``                         CSS and JavaScript (no CDN: served by the node)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,16 @@ from dicomnode.jobs.store import Job
 from dicomnode.outputs.layout import job_folder, result_files, results_root
 from dicomnode.web.app import TOKEN_COOKIE, WebContext
 from dicomnode.web.history import Attempt, delivery_attempts
-from dicomnode.web.render import Segmentation, key_slices, read_segmentation, render_key_slice
+from dicomnode.web.render import (
+    HeatMapFrame,
+    Segmentation,
+    key_slices,
+    read_heat_map,
+    read_key_images,
+    read_segmentation,
+    render_heat_map,
+    render_key_slice,
+)
 from dicomnode.web.reports import ReportSummary, read_report
 from dicomnode.web.views import (
     StudyRow,
@@ -81,6 +91,16 @@ def cached_segmentation(path: Path) -> Segmentation:
     return _segmentation(path, path.stat().st_mtime_ns)
 
 
+@lru_cache(maxsize=32)
+def _heat_map(path: Path, mtime_ns: int) -> HeatMapFrame:
+    return read_heat_map(path)
+
+
+def cached_heat_map(path: Path) -> HeatMapFrame:
+    """A heat map's hottest frame, read once per version of its file."""
+    return _heat_map(path, path.stat().st_mtime_ns)
+
+
 @dataclass
 class SeriesResult:
     """What a job produced for one series."""
@@ -89,6 +109,10 @@ class SeriesResult:
     report: ReportSummary | None
     slices: int
     segmentation_error: str = ""
+    #: A heat map (Parametric Map) was made: the page shows its hottest slice.
+    heat_map: bool = False
+    #: The key images of the findings (the KOS's description, one line per finding).
+    key_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +186,12 @@ class Pages:
                 result.slices = len(key_slices(cached_segmentation(files.segmentation)))
             except (OSError, ValueError, AttributeError, KeyError) as exc:
                 result.segmentation_error = f"cannot read the SEG: {exc}"
+        result.heat_map = files.heat_map.is_file()
+        if files.key_images.is_file():
+            try:
+                result.key_images = read_key_images(files.key_images)
+            except (OSError, ValueError, AttributeError) as exc:
+                result.key_images = [f"cannot read the key images: {exc}"]
         return result
 
     def job_view(self, job: Job) -> JobView:
@@ -223,6 +253,24 @@ class Pages:
         except ValueError:
             return PlainTextResponse("wc and ww must be numbers", 400)
         png = render_key_slice(paths[key.sop_instance_uid], key, seg, window)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+    def heat_map(self, request: Request) -> Response:
+        job = self._job(request)
+        if job is None:
+            return PlainTextResponse("no such job", 404)
+        series_uid = request.path_params["series"]
+        files = result_files(job_folder(self.results, job.id), series_uid, job.route)
+        if series_uid not in job.series_uids or not files.heat_map.is_file():
+            return PlainTextResponse("no heat map", 404)
+        heat = cached_heat_map(files.heat_map)
+        paths = {
+            i.sop_instance_uid: i.path
+            for i in self.ctx.index.latest_instances(job.study_instance_uid)
+        }
+        if heat.sop_instance_uid not in paths:
+            return PlainTextResponse("the source image is no longer in the spool", 404)
+        png = render_heat_map(paths[heat.sop_instance_uid], heat)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=300"})
 
     # --- jobs --------------------------------------------------------------------------
@@ -319,5 +367,6 @@ def page_routes(ctx: WebContext) -> list[BaseRoute]:
         Route("/jobs", pages.jobs),
         Route("/jobs/{job_id:int}/retry", pages.retry, methods=["POST"]),
         Route("/jobs/{job_id:int}/slices/{series}/{n:int}.png", pages.key_slice),
+        Route("/jobs/{job_id:int}/heatmap/{series}.png", pages.heat_map),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -303,3 +303,95 @@ def render_frame(path: Path, frame: int, media_type: str = "image/png") -> bytes
     out = io.BytesIO()
     image.save(out, format=RENDERED_FORMATS[media_type])
     return out.getvalue()
+
+
+@dataclass(frozen=True)
+class HeatMapFrame:
+    """The hottest frame of a heat map (Parametric Map): probabilities on a source image."""
+
+    sop_instance_uid: str
+    frame: int | None
+    probabilities: npt.NDArray[np.float64]
+    explanation: str
+
+
+def read_heat_map(path: Path) -> HeatMapFrame:
+    """The frame of a Parametric Map with the most heat (the largest sum of its values),
+    as real-world values (its Real World Value Mapping's slope and intercept), with the
+    source image it lies on."""
+    ds = dcmread(path)
+    pixels = np.asarray(ds.pixel_array)
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    frames = ds.PerFrameFunctionalGroupsSequence
+    hottest = int(np.argmax(pixels.reshape(len(pixels), -1).sum(axis=1, dtype=np.float64)))
+    group = frames[hottest]
+    mappings = group.get("RealWorldValueMappingSequence") or shared.RealWorldValueMappingSequence
+    mapping = mappings[0]
+    derivation = group.get("DerivationImageSequence") or shared.DerivationImageSequence
+    source = derivation[0].SourceImageSequence[0]
+    number = source.get("ReferencedFrameNumber")
+    values = pixels[hottest] * float(mapping.RealWorldValueSlope) + float(
+        mapping.RealWorldValueIntercept
+    )
+    return HeatMapFrame(
+        str(source.ReferencedSOPInstanceUID),
+        None if number is None else int(number),
+        np.asarray(values, dtype=np.float64),
+        str(mapping.get("LUTExplanation", "")),
+    )
+
+
+def heat_colours(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A heat ramp for probabilities 0..1: dark red, red, orange, yellow (never white or
+    grey, so it stands out on CT)."""
+    p = np.clip(p, 0.0, 1.0)[..., np.newaxis]
+    stops = np.array([[96, 0, 0], [255, 0, 0], [255, 140, 0], [255, 240, 0]], dtype=np.float64)
+    x = p * (len(stops) - 1)
+    low = np.clip(np.floor(x).astype(int), 0, len(stops) - 2)
+    t = x - low
+    colours: npt.NDArray[np.float64] = stops[low[..., 0]] * (1 - t) + stops[low[..., 0] + 1] * t
+    return colours
+
+
+def render_heat_map(
+    source: Path, heat: HeatMapFrame, window: tuple[float, float] | None = None
+) -> bytes:
+    """The source image with the heat map blended over it (probabilities below 0.05 are
+    left clear), a colour bar 0..1 and the map's explanation, as PNG bytes."""
+    ds = dcmread(source)
+    window = window or window_of(ds)
+    grey = _grey(_hounsfield(ds, heat.frame), window)
+    rgb = np.repeat(grey[..., np.newaxis], 3, axis=2).astype(np.float64)
+    if heat.probabilities.shape == grey.shape:
+        alpha = np.where(heat.probabilities >= 0.05, 0.35 + 0.4 * heat.probabilities, 0.0)
+        alpha = alpha[..., np.newaxis]
+        rgb = rgb * (1 - alpha) + heat_colours(heat.probabilities) * alpha
+    factor = max(1, math.ceil(MIN_SIZE / max(grey.shape)))
+    image = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(image)
+    font = _font(14)
+    w, h = image.size
+    _text(draw, (8, 6), f"W {window[1]:g}  L {window[0]:g}", font)
+    _text(draw, (8, h - 24), heat.explanation or "heat map", font)
+    bar = heat_colours(np.linspace(1.0, 0.0, 100)).astype(np.uint8)
+    strip = Image.fromarray(np.repeat(bar[:, np.newaxis, :], 12, axis=1), "RGB")
+    image.paste(strip, (w - 24, 28))
+    _text(draw, (w - 44, 8), "1.0", font)
+    _text(draw, (w - 44, 130), "0.0", font)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def read_key_images(path: Path) -> list[str]:
+    """The lines of a Key Object Selection's description (113012, DCM, "Key Object
+    Description"): one per finding, ``lesion 1: image 12 (slice 12 of 40), ...``."""
+    ds = dcmread(path)
+    for item in ds.get("ContentSequence", []):
+        concept = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "TEXT" and concept and concept[0].CodeValue == "113012":
+            return [line for line in str(item.TextValue).splitlines() if ": image" in line]
+    return []
