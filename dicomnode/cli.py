@@ -340,6 +340,83 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return action(ctx, args)
 
 
+# --- feedback --------------------------------------------------------------------------
+
+
+def _feedback_document(r: Any) -> dict[str, Any]:
+    corrects = r.provenance.get("corrects", {})
+    creator = r.provenance.get("creator", {})
+    return {
+        "id": r.id,
+        "state": str(r.state),
+        "received_at": _iso(r.received_at),
+        "calling_ae": r.calling_ae,
+        "calling_host": r.calling_host,
+        "study_instance_uid": r.study_instance_uid,
+        "sop_instance_uid": r.sop_instance_uid,
+        "corrects": corrects,
+        "creator": creator,
+        "path": r.path,
+        "reason": r.reason,
+    }
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """What came back: corrected segmentations (settled first: accepted as training data
+    with their provenance, or rejected with the reason)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicomnode.db import Database
+    from dicomnode.feedback.collect import FeedbackCollector
+    from dicomnode.jobs.store import JobStore
+
+    config = _config(args)
+    if not config.node.data_dir.is_dir():
+        raise CommandError(f"no data directory {config.node.data_dir}: has the node run yet?")
+    db = Database(config.node.data_dir)
+    collector = FeedbackCollector(db, JobStore(db, config.jobs))
+    collector.collect()
+    records = collector.inbox.records(args.state, limit=args.limit, newest=True)
+    if args.json:
+        print(json.dumps({"feedback": [_feedback_document(r) for r in records]}, indent=2))
+        return 0
+    console = Console(width=max(160, Console().width))
+    table = Table(title=f"feedback ({args.state or 'all states'})", title_justify="left")
+    for column in ("id", "state", "received", "from", "study", "corrects", "made by"):
+        table.add_column(column, justify="right" if column == "id" else "left")
+    table.add_column("kept as (in the data directory) / why not", overflow="fold")
+    for r in records:
+        corrects = r.provenance.get("corrects", {})
+        creator = r.provenance.get("creator", {})
+        made_by = " ".join(
+            str(v)
+            for v in (creator.get("manufacturer"), creator.get("manufacturer_model_name"))
+            if v
+        )
+        table.add_row(
+            str(r.id),
+            str(r.state),
+            _local(r.received_at),
+            f"{r.calling_ae}@{r.calling_host}",
+            "…" + r.study_instance_uid[-12:],
+            (
+                f"job {corrects['job_id']}: {corrects.get('model', '')} "
+                f"{corrects.get('model_version', '')}"
+                if corrects
+                else ""
+            ),
+            made_by,
+            r.path or r.reason[:60],
+        )
+    console.print(table)
+    counts = collector.inbox.counts()
+    console.print(
+        "feedback: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+    )
+    return 0
+
+
 # --- route, schema, phantom ------------------------------------------------------------
 
 
@@ -549,6 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="retry: run a done job again (its earlier delivery stays on record)",
     )
     s.set_defaults(func=cmd_jobs)
+
+    s = command("feedback", "list the corrected segmentations sent back to the node")
+    s.add_argument("action", nargs="?", choices=["list"], default="list", help="list (default)")
+    _config_option(s, required=True)
+    s.add_argument(
+        "--state", choices=["received", "accepted", "rejected"], help="only those in this state"
+    )
+    s.add_argument("--limit", type=int, default=200, help="list at most this many (default 200)")
+    s.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    s.set_defaults(func=cmd_feedback)
 
     s = command("route", "explain which route matches the studies in a folder")
     s.add_argument("action", choices=["explain"], help="explain: show each rule's verdict")

@@ -7,9 +7,9 @@ checkpoint (:mod:`dicomnode.spool.journal`).  Each thread or
 process opens its own connection (:meth:`Database.connect`).
 
 This module runs no query of its own on the node's data.  Each table has one owner that
-runs all SQL on it: ``spool.index`` (instances, studies), ``jobs.store`` (jobs) and
-``delivery.store`` (outbox).  Owners take part in one transaction by receiving the
-connection :meth:`Database.transaction` yields.
+runs all SQL on it: ``spool.index`` (instances, studies), ``spool.feedback`` (feedback),
+``jobs.store`` (jobs) and ``delivery.store`` (outbox).  Owners take part in one
+transaction by receiving the connection :meth:`Database.transaction` yields.
 
 The schema carries its version in ``PRAGMA user_version``.  :data:`MIGRATIONS` upgrades
 a data directory in place, one step per version, each step in its own transaction; a
@@ -251,6 +251,30 @@ def _v7_receive_log(conn: sqlite3.Connection, data_dir: Path) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at)")
 
 
+def _v8_feedback(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """Segmentations sent back to the node by others (a radiologist's correction): one row
+    per SOP instance, recorded as it arrives and settled later as training data with its
+    provenance, or not (``spool.feedback``)."""
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS feedback (
+            id INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL UNIQUE,
+            sop_class_uid TEXT NOT NULL,
+            study_instance_uid TEXT NOT NULL,
+            series_instance_uid TEXT NOT NULL,
+            calling_ae TEXT NOT NULL,
+            calling_host TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('received', 'accepted', 'rejected')),
+            settled_at REAL,
+            reason TEXT NOT NULL DEFAULT '',
+            path TEXT NOT NULL DEFAULT '',
+            provenance TEXT NOT NULL DEFAULT '{}'
+        )"""
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS feedback_state ON feedback (state, received_at)")
+
+
 #: Step ``i`` upgrades a database from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v1_tables,
@@ -260,6 +284,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection, Path], None], ...] = (
     _v5_query_attributes,
     _v6_first_delivery,
     _v7_receive_log,
+    _v8_feedback,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

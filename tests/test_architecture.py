@@ -21,12 +21,13 @@ LAYERS = [
     {"outputs"},
     {"jobs"},
     {"delivery"},
+    {"feedback"},
     {"web"},
     {"app"},
     {"cli"},
 ]
 BESIDE = {"synthetic", "models", "converters"}  # not runtime layers
-OWNERS = {"db.py", "spool/index.py", "jobs/store.py", "delivery/store.py"}
+OWNERS = {"db.py", "spool/index.py", "spool/feedback.py", "jobs/store.py", "delivery/store.py"}
 
 
 def layer_of(part: str) -> int:

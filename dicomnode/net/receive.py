@@ -3,7 +3,9 @@
 Check the encoded bytes (no decoding), let the caller refuse what its protocol forbids
 (a C-STORE whose dataset differs from its request, a STOW part of another study), store
 durably, map errors to the DICOM status (:func:`dicomnode.net.status.status_for`) and
-write the audit record.  The status is 0x0000 only once the spool has the instance.
+write the audit record.  The status is 0x0000 only once the spool has the instance.  A
+Segmentation the node did not make is also noted in the feedback inbox (from the UIDs
+already read: :mod:`dicomnode.spool.feedback`), to be recognised as a correction later.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from dicomnode.audit import AuditLog
 from dicomnode.net import status
+from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.store import Spool, StoreOutcome, read_header
@@ -60,7 +63,7 @@ def receive_instance(
         outcome = spool.store(encoded, calling_ae=calling_ae, calling_host=host, header=header)
     except Exception as exc:
         return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
-    return _stored(audit, calling_ae, host, header, outcome)
+    return _stored(spool, audit, calling_ae, host, header, outcome)
 
 
 def receive_logged(
@@ -98,7 +101,7 @@ def receive_logged(
     known = header
 
     def done(outcome: StoreOutcome) -> None:
-        spooled(_stored(audit, calling_ae, host, known, outcome))
+        spooled(_stored(spool, audit, calling_ae, host, known, outcome))
 
     spool.spool_later(pending, done)
     try:
@@ -109,9 +112,20 @@ def receive_logged(
 
 
 def _stored(
-    audit: AuditLog, calling_ae: str, host: str, header: InstanceHeader, outcome: StoreOutcome
+    spool: Spool,
+    audit: AuditLog,
+    calling_ae: str,
+    host: str,
+    header: InstanceHeader,
+    outcome: StoreOutcome,
 ) -> Receipt:
-    """The audit record and receipt of an instance in the spool (both doors)."""
+    """The audit record and receipt of an instance in the spool (both doors), and its note
+    in the feedback inbox when it may be a correction."""
+    if is_feedback_candidate(header):
+        try:
+            FeedbackInbox(spool.index.db).note(header, calling_ae=calling_ae, calling_host=host)
+        except Exception:  # stored is stored: the note is for later, never a refusal
+            log.exception("segmentation %s: not noted as feedback", header.sop_instance_uid)
     audit.record(
         "instance",
         outcome=outcome.value,

@@ -1,0 +1,1 @@
+"""Corrections that come back: corrected segmentations recognised and kept as training data."""
