@@ -1,7 +1,8 @@
 """Command-line entry points the ``dicomnode`` CLI dispatches to.
 
 ``dicomnode train RECIPE.toml --data DIR --out RUN`` -> :func:`train_main`,
-``dicomnode evaluate MODEL --data DIR --out DIR`` -> :func:`evaluate_main`,
+``dicomnode evaluate MODEL --data DIR --out DIR [--against CURRENT]`` -> :func:`evaluate_main`
+(with ``--against``: the gate of :mod:`dicomnode.models.gate`),
 ``dicomnode export CHECKPOINT --out BUNDLE_DIR`` -> :func:`export_main`,
 ``dicomnode synth --out DIR`` -> :func:`synthetic_main`.
 
@@ -16,10 +17,12 @@ import argparse
 import importlib.util
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from dicomnode.errors import MissingExtraError
+from dicomnode.errors import MissingExtraError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,47 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _evaluation_target(path: Path, min_area_mm2: float | None) -> tuple[Any, Any]:
+    """(predictor, EvalSpec) of a bundle folder (ONNX Runtime) or a training run."""
+    from dicomnode.inference.card import CARD_FILE, load_bundle
+    from dicomnode.models.evaluate import EvalSpec, OnnxPredictor
+
+    if (path / CARD_FILE).is_file():
+        bundle = load_bundle(path)
+        card = bundle.card
+        min_area = card.metrics.get("min_area_mm2", 0.0) if card.task == "classification" else 0
+        spec = EvalSpec(
+            task=card.task,
+            preprocessing=card.preprocessing,
+            context_slices=card.input.context_slices,
+            labels=card.labels,
+            min_component_volume_mm3=card.min_component_volume_mm3,
+            min_area_mm2=min_area_mm2 if min_area_mm2 is not None else min_area,
+        )
+        return OnnxPredictor(bundle.model_path, card), spec
+    require_training_extra()
+    import keras
+
+    from dicomnode.models.evaluate import KerasPredictor
+    from dicomnode.models.recipe import parse_recipe
+    from dicomnode.models.run import RunFiles
+    from dicomnode.models.train import eval_spec
+
+    run = RunFiles.locate(path)
+    recipe = parse_recipe(run.read_recipe_dict(), source=run.recipe.read_text())
+    spec = eval_spec(recipe)
+    if min_area_mm2 is not None:
+        spec = EvalSpec(**{**spec.__dict__, "min_area_mm2": min_area_mm2})
+    model = keras.saving.load_model(run.checkpoint_path(path), compile=False)
+    return KerasPredictor(model), spec
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """``dicomnode evaluate``: metrics and plots of a bundle or a training run on DICOM + SEG."""
+    """``dicomnode evaluate``: metrics and plots of a bundle or a training run on DICOM + SEG;
+    with ``--against CURRENT``, the gate: exit 1 (and a report) when the model is worse
+    than CURRENT on any reported metric by more than the tolerance."""
+    from dicomnode.models.gate import DEFAULT_TOLERANCE
+
     parser = argparse.ArgumentParser(prog="dicomnode evaluate", description=evaluate_main.__doc__)
     parser.add_argument(
         "model", type=Path, help="bundle folder (run with ONNX Runtime) or run folder / .keras file"
@@ -88,46 +130,77 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         type=float,
         help="classification: slices with less (non-zero) lesion are ambiguous",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="CURRENT",
+        help="the current bundle (or run): MODEL is a candidate, refused (exit 1) when worse",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"--against: how much worse a metric may be (absolute; default {DEFAULT_TOLERANCE})",
+    )
     args = parser.parse_args(argv)
     _logging()
-    from dicomnode.inference.card import CARD_FILE, load_bundle
     from dicomnode.models.data import load_cases
-    from dicomnode.models.evaluate import EvalSpec, OnnxPredictor, Predictor, evaluate
+    from dicomnode.models.evaluate import evaluate
 
-    if (args.model / CARD_FILE).is_file():
-        bundle = load_bundle(args.model)
-        card = bundle.card
-        min_area = card.metrics.get("min_area_mm2", 0.0) if card.task == "classification" else 0
-        spec = EvalSpec(
-            task=card.task,
-            preprocessing=card.preprocessing,
-            context_slices=card.input.context_slices,
-            labels=card.labels,
-            min_component_volume_mm3=card.min_component_volume_mm3,
-            min_area_mm2=args.min_area_mm2 if args.min_area_mm2 is not None else min_area,
+    predictor, spec = _evaluation_target(args.model, args.min_area_mm2)
+    if args.against is None:
+        result = evaluate(predictor, load_cases(args.data, spec.labels), spec, args.out)
+        print(json.dumps(result["summary"]["headline"], indent=1))
+        return 0
+    return _gate(args, predictor, spec)
+
+
+def _gate(args: argparse.Namespace, predictor: Any, spec: Any) -> int:
+    """Evaluate the candidate and the current model on the same cases and compare."""
+    from dicomnode.models.data import load_cases
+    from dicomnode.models.evaluate import evaluate
+    from dicomnode.models.gate import compare
+
+    current, current_spec = _evaluation_target(args.against, args.min_area_mm2)
+    if (spec.task, [lb.name for lb in spec.labels]) != (
+        current_spec.task,
+        [lb.name for lb in current_spec.labels],
+    ):
+        raise ModelError(
+            f"{args.model} ({spec.task}: {', '.join(lb.name for lb in spec.labels)}) and "
+            f"{args.against} ({current_spec.task}: "
+            f"{', '.join(lb.name for lb in current_spec.labels)}) are not comparable"
         )
-        predictor: Predictor = OnnxPredictor(bundle.model_path, card)
-    else:
-        require_training_extra()
-        import keras
+    cases = load_cases(args.data, spec.labels)
+    ours = evaluate(predictor, cases, spec, args.out / "candidate")
+    theirs = evaluate(current, cases, current_spec, args.out / "current")
+    report = compare(spec.task, ours["summary"], theirs["summary"], args.tolerance)
+    document = {
+        "candidate": str(args.model),
+        "current": str(args.against),
+        "data": str(args.data),
+        "cases": len(cases),
+        **report.to_dict(),
+    }
+    (args.out / "gate.json").write_text(json.dumps(document, indent=1) + "\n")
+    for v in report.verdicts:
+        mark = "WORSE" if v.worse else "ok"
+        delta = "" if v.delta is None else f"{v.delta:+.4f}"
+        print(f"{mark:>5}  {v.name:<45} {_fmt(v.candidate):>8} vs {_fmt(v.current):>8}  {delta}")
+    if report.accepted:
+        print(f"accepted: no metric worse than {args.against} by more than {args.tolerance:g}")
+        return 0
+    names = ", ".join(v.name for v in report.worse)
+    print(
+        f"refused: {args.model} is worse than {args.against} on {len(report.worse)} metric(s) "
+        f"beyond {args.tolerance:g}: {names} (report: {args.out / 'gate.json'})",
+        file=sys.stderr,
+    )
+    return 1
 
-        from dicomnode.models.recipe import parse_recipe
-        from dicomnode.models.run import RunFiles
-        from dicomnode.models.train import eval_spec
 
-        run = RunFiles.locate(args.model)
-        recipe = parse_recipe(run.read_recipe_dict(), source=run.recipe.read_text())
-        spec = eval_spec(recipe)
-        if args.min_area_mm2 is not None:
-            spec = EvalSpec(**{**spec.__dict__, "min_area_mm2": args.min_area_mm2})
-        from dicomnode.models.evaluate import KerasPredictor
-
-        predictor = KerasPredictor(
-            keras.saving.load_model(run.checkpoint_path(args.model), compile=False)
-        )
-    result = evaluate(predictor, load_cases(args.data, spec.labels), spec, args.out)
-    print(json.dumps(result["summary"]["headline"], indent=1))
-    return 0
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
