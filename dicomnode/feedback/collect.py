@@ -11,10 +11,14 @@ the receive path.  A note becomes training data when the SEG
   the study that ran a route over that series and left a SEG in the results folder.
 
 The SEG is then copied to ``<data_dir>/feedback/<study>/<sop>.dcm`` beside
-``<sop>.json``, its provenance: which study and series, which of the node's SEGs (job,
-route, generation, SOP Instance UID) and model version it corrects, when and from which
-AE title and host it came, and who made it (manufacturer, model, software versions,
-content creator, segment labels).  The same provenance is kept in the ``feedback`` row.
+``<sop>.json``, and the images of the series it labels to
+``<data_dir>/feedback/<study>/<series>/`` (hard links to the spool files where the file
+system allows, copies otherwise): the folder is a training set as ``dicomnode train
+--data`` reads it (``models/data.py`` pairs each SEG with its series).  The provenance:
+which study and series, which of the node's SEGs (job, route, generation, SOP Instance
+UID) and model version it corrects, when and from which AE title and host it came, who
+made it (manufacturer, model, software versions, content creator, segment labels), and
+how many images were kept with it.  The same provenance is kept in the ``feedback`` row.
 Nothing here creates a job or touches a study: a correction never re-processes its study
 (it does not drive processing, ``spool.store.drives_processing``).  Other notes are
 rejected with the reason.  The files stay when retention purges the study.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.db import Database
-from dicomnode.fsutil import write_bytes_atomically
+from dicomnode.fsutil import copy_atomically, fsync_dir, write_bytes_atomically
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.outputs.common import MANUFACTURER
 from dicomnode.outputs.layout import job_folder, result_files, results_root
@@ -156,6 +161,8 @@ class FeedbackCollector:
             return
         provenance = self.provenance(note, seg, corrected)
         folder = feedback_root(self.data_dir) / note.study_instance_uid
+        images = self.keep_images(note.study_instance_uid, corrected.series_instance_uid, folder)
+        provenance["images"] = images
         copy = folder / f"{note.sop_instance_uid}.dcm"
         write_bytes_atomically(copy, stored.path.read_bytes())
         document = json.dumps(provenance, indent=2, sort_keys=True).encode()
@@ -174,6 +181,25 @@ class FeedbackCollector:
             corrected.model_version,
             note.calling_ae,
         )
+
+    def keep_images(self, study_uid: str, series_uid: str, folder: Path) -> int:
+        """Link (else copy) the images of the series into ``folder/<series>/``; returns
+        how many it holds."""
+        target = folder / series_uid
+        target.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for instance in self.index.latest_instances(study_uid, driving=True):
+            if instance.series_instance_uid != series_uid or not instance.path.is_file():
+                continue
+            dest = target / f"{instance.sop_instance_uid}.dcm"
+            if not dest.exists():
+                try:
+                    os.link(instance.path, dest)
+                except OSError:  # another file system: a copy
+                    copy_atomically(instance.path, target).rename(dest)
+            count += 1
+        fsync_dir(target)
+        return count
 
     def corrected(self, note: FeedbackRecord, series: Sequence[str]) -> Corrected | None:
         """The node's latest SEG, made before the correction came, of a series the

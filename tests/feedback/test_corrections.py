@@ -19,7 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomnode.app.node import Node
+from dicomnode.config import builtin_bundle
 from dicomnode.feedback.collect import FeedbackCollector, feedback_root
+from dicomnode.inference.card import load_bundle
+from dicomnode.models.data import load_cases
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
 from dicomnode.spool.feedback import FeedbackState
@@ -181,6 +184,12 @@ def test_a_corrected_seg_sent_by_storescu_becomes_training_data_without_a_job(
     provenance = json.loads(copy.with_suffix(".json").read_text())
     assert provenance["corrects"] == entry["corrects"]
     assert provenance["received"]["calling_ae"] == RADIOLOGIST_AE
+    # ... beside the images it labels: a training set where the correction, not the
+    # node's SEG, labels the series
+    assert provenance["images"] == len(phantom_files)
+    card = load_bundle(builtin_bundle("lesion-seg")).card
+    (case,) = load_cases(feedback_root(node.config.node.data_dir), card.labels)
+    assert int(case.mask.sum()) == int(corrected.pixel_array.sum())
     # still no job after all this
     assert len(node.jobs.list_jobs()) == 1, describe_jobs(node)
 
