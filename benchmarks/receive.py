@@ -4,7 +4,8 @@ Prints instances/s per receiver (min/median/max over --repeat rounds) and the ra
 dicomnode to storescp and to Orthanc, measured round by round in the same run (the
 receivers take turns, so a noisy neighbour hits all of them alike).  Every receiver has
 TCP_NODELAY (dcmtk and Orthanc via TCP_NODELAY=1).  With several associations, storescp
-runs with ``--fork`` (one process per association).
+runs with ``--fork`` (one process per association), and dicomnode also as two receiving
+processes on one port (``dicomnode-2p``: ``[node] receivers = 2``).
 
 What each one promises when it answers 0x0000: storescp has written the file (no fsync);
 Orthanc has written the file and committed its SQLite index; dicomnode has the instance in
@@ -25,6 +26,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -132,32 +134,76 @@ def run_orthanc(files: list[Path], work: Path, associations: int) -> float:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def start_node(data: Path, port: int, owner: str, reuse_port: bool) -> tuple[StorageSCP, Spool]:
+    """One receiving process's SCP and spool (``serve``'s, with ``receivers`` > 1 when
+    ``reuse_port``), its receive log's pool of 64 MiB segments ready, as on a node that has
+    been receiving for a while."""
+    settings = dataclasses.replace(
+        NodeSettings(), port=port, data_dir=data, min_free_disk_mb=10, max_associations=16
+    )
+    spool = Spool(data, Index(Database(data)), min_free_bytes=10 * 2**20, log_owner=owner)
+    spool.receive_log().preallocate()
+    scp = StorageSCP(settings, spool, reuse_port=reuse_port)
+    scp.start()
+    return scp, spool
+
+
+def stop_node(scp: StorageSCP, spool: Spool) -> None:
+    scp.stop()
+    spool.close()
+    spool.index.db.close()
+
+
 def run_node(files: list[Path], work: Path, associations: int) -> float:
     data = work / "node"
-    settings = dataclasses.replace(
-        NodeSettings(), port=0, data_dir=data, min_free_disk_mb=10, max_associations=16
-    )
-    index = Index(Database(data))
-    spool = Spool(data, index, min_free_bytes=10 * 2**20)
-    spool.receive_log().preallocate()  # the segments of a node that has been receiving
-    scp = StorageSCP(settings, spool)
-    scp.start()
+    scp, spool = start_node(data, 0, "0", reuse_port=False)
     try:
-        elapsed = storescu(scp.port, settings.ae_title, files, associations)
+        elapsed = storescu(scp.port, scp.settings.ae_title, files, associations)
         assert scp.counters.stored == len(files), scp.counters
         assert scp.fast is not None and scp.fast.served == associations
         return elapsed
     finally:
-        scp.stop()
-        spool.close()
-        index.db.close()
+        stop_node(scp, spool)
         shutil.rmtree(data, ignore_errors=True)
+
+
+def run_node_receivers(files: list[Path], work: Path, associations: int) -> float:
+    """``[node] receivers = 2``: this process and a second one (this script with
+    ``--receiver``) on one port with ``SO_REUSEPORT``, sharing the spool and the index; the
+    kernel spreads the associations over them."""
+    data = work / "node"
+    port = free_port()
+    scp, spool = start_node(data, port, "0", reuse_port=True)
+    other = subprocess.Popen(
+        [sys.executable, __file__, "--receiver", str(data), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == b"ready"
+        elapsed = storescu(port, scp.settings.ae_title, files, associations)
+        stored = spool.index.db.connect().execute("SELECT COUNT(*) FROM instances").fetchone()
+        assert stored[0] == len(files), f"{stored[0]} of {len(files)} indexed"
+        return elapsed
+    finally:
+        other.communicate(b"")  # end of input: the second receiver stops
+        stop_node(scp, spool)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def serve_receiver(data: Path, port: int) -> None:
+    """The second receiving process of :func:`run_node_receivers`, until stdin ends."""
+    scp, spool = start_node(data, port, "1", reuse_port=True)
+    print("ready", flush=True)
+    sys.stdin.read()
+    stop_node(scp, spool)
 
 
 RECEIVERS: dict[str, Callable[[list[Path], Path, int], float]] = {
     "storescp": run_storescp,
     "orthanc": run_orthanc,
     "dicomnode": run_node,
+    "dicomnode-2p": run_node_receivers,
 }
 
 
@@ -175,7 +221,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--without", nargs="*", default=[], choices=list(RECEIVERS))
+    ap.add_argument("--receiver", nargs=2, metavar=("DATA", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.receiver:
+        serve_receiver(Path(args.receiver[0]), int(args.receiver[1]))
+        return
     receivers = {k: v for k, v in RECEIVERS.items() if k not in args.without}
     with tempfile.TemporaryDirectory(prefix="dicomnode-bench-") as tmp:
         work = Path(tmp)
@@ -187,16 +237,19 @@ def main() -> None:
             f"{args.repeat} rounds, loopback, TCP_NODELAY everywhere, {os.cpu_count()} CPUs"
         )
         for assoc in args.associations:
-            rates: dict[str, list[float]] = {name: [] for name in receivers}
+            # Two receiving processes only where there is more than one association.
+            here = {k: v for k, v in receivers.items() if assoc > 1 or k != "dicomnode-2p"}
+            rates: dict[str, list[float]] = {name: [] for name in here}
             for _ in range(args.repeat):
-                for name, run in receivers.items():
+                for name, run in here.items():
                     rates[name].append(len(files) / run(files, work, assoc))
             for name, r in rates.items():
                 print(line(f"{assoc} assoc  {name}", r, "instances/s"))
-            for peer in ("storescp", "orthanc"):
-                if peer in rates and "dicomnode" in rates:
-                    ratios = [n / p for n, p in zip(rates["dicomnode"], rates[peer], strict=True)]
-                    print(line(f"{assoc} assoc  dicomnode/{peer}", ratios, "ratio      ", "7.2f"))
+            for node in ("dicomnode", "dicomnode-2p"):
+                for peer in ("storescp", "orthanc"):
+                    if peer in rates and node in rates:
+                        ratios = [n / p for n, p in zip(rates[node], rates[peer], strict=True)]
+                        print(line(f"{assoc} assoc  {node}/{peer}", ratios, "ratio      ", "7.2f"))
 
 
 if __name__ == "__main__":
