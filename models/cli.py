@@ -44,9 +44,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicomnode train", description=train_main.__doc__)
     parser.add_argument("recipe", help="recipe TOML file, or the name of a shipped recipe")
     parser.add_argument(
-        "--data", type=Path, required=True, help="folder of image series and DICOM SEG labels"
+        "--data",
+        type=Path,
+        required=True,
+        action="append",
+        help="folder of image series and DICOM SEG labels; again for more (base data, then "
+        "the corrections in the node's data_dir/feedback)",
     )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="RUN",
+        help="fine-tune the model of this earlier run (its folder or .keras file)",
+    )
     parser.add_argument(
         "--test-data",
         type=Path,
@@ -65,12 +76,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     info = train(
         recipe,
-        args.data,
+        args.data[0] if len(args.data) == 1 else args.data,
         args.out,
         test_dir=args.test_data,
         epochs=args.epochs,
         steps_per_epoch=args.steps,
         max_cases=args.max_cases,
+        init_from=args.init_from,
     )
     print(json.dumps({"wall_time_s": info["wall_time_s"], **info["headline"]}, indent=1))
     return 0
@@ -212,14 +224,28 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "--tolerance", type=float, help="max abs TF-vs-ONNX difference (default: the recipe's)"
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the recipe's)")
+    parser.add_argument(
+        "--parent",
+        type=Path,
+        metavar="BUNDLE",
+        help="the bundle this one succeeds (fine-tuned from): recorded in the card",
+    )
+    parser.add_argument(
+        "--version",
+        help="the new bundle's version (default: the recipe's); must differ from the parent's",
+    )
     args = parser.parse_args(argv)
     require_training_extra("tf2onnx", "onnx")
     _logging()
     from dicomnode.converters.export import export_checkpoint
+    from dicomnode.models.lineage import check_lineage, record_lineage
 
+    parent = check_lineage(args.checkpoint, args.parent, args.version)
     bundle = export_checkpoint(
         args.checkpoint, args.out, tolerance=args.tolerance, opset=args.opset
     )
+    if parent is not None or args.version:
+        bundle = record_lineage(bundle, args.checkpoint, parent, args.version)
     parity = bundle.card.parity
     print(
         json.dumps(

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from dicomnode.errors import ModelError
 from dicomnode.models.architectures import build_model
 from dicomnode.models.data import (
     Case,
@@ -142,31 +143,53 @@ class _Progress(keras.callbacks.Callback):  # type: ignore[misc]  # Callback is 
         )
 
 
-def describe_data(data_dir: Path, cases: Sequence[Case], train: list[int], val: list[int]) -> str:
+def describe_data(
+    data_dir: Path | Sequence[Path], cases: Sequence[Case], train: list[int], val: list[int]
+) -> str:
     slices = sum(c.hu.shape[0] for c in cases)
     lesions = sum(int(c.mask.any()) for c in cases)
     spacings = [c.pixel_spacing[0] for c in cases]
+    folders = [data_dir] if isinstance(data_dir, Path) else list(data_dir)
     return (
-        f"{len(cases)} CT series with DICOM SEG labels from {data_dir.name}/ "
+        f"{len(cases)} CT series with DICOM SEG labels from "
+        f"{' + '.join(f'{d.name}/' for d in folders)} "
         f"({slices} slices, {lesions} series with lesions, pixel spacing "
         f"{min(spacings):.2f}-{max(spacings):.2f} mm); case split {len(train)} train / "
         f"{len(val)} validation"
     )
 
 
+def initial_model(init_from: Path, recipe: Recipe) -> Any:
+    """The model of an earlier run (its folder or a ``.keras`` file) to fine-tune: it must
+    take the recipe's context slices and give one output per label."""
+    path = RunFiles.locate(init_from).checkpoint_path(init_from)
+    model = keras.saving.load_model(path, compile=False)
+    channels, classes = int(model.inputs[0].shape[-1]), int(model.outputs[0].shape[-1])
+    if (channels, classes) != (recipe.context_slices, len(recipe.labels)):
+        raise ModelError(
+            f"{init_from}: its model takes {channels} slice(s) and gives {classes} output(s); "
+            f"the recipe needs {recipe.context_slices} and {len(recipe.labels)}"
+        )
+    return model
+
+
 def train(
     recipe: Recipe,
-    data_dir: Path,
+    data_dir: Path | Sequence[Path],
     out: Path,
     *,
     test_dir: Path | None = None,
     epochs: int | None = None,
     steps_per_epoch: int | None = None,
     max_cases: int | None = None,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train per ``recipe`` on ``data_dir``; write the run folder ``out``; return training.json.
+    """Train per ``recipe`` on ``data_dir`` (one folder or several: base data plus the
+    corrections that came back); write the run folder ``out``; return training.json.
 
-    ``epochs``, ``steps_per_epoch`` and ``max_cases`` override the recipe (for smoke runs).
+    ``init_from`` (an earlier run) fine-tunes its model instead of starting from random
+    weights.  ``epochs``, ``steps_per_epoch`` and ``max_cases`` override the recipe (for
+    smoke runs).
     """
     started = time.monotonic()
     t = recipe.training
@@ -176,7 +199,8 @@ def train(
     run.recipe.write_text(recipe.source)
     run.last.parent.mkdir(parents=True, exist_ok=True)
 
-    cases = load_cases(data_dir, recipe.labels)[:max_cases]
+    folders = [data_dir] if isinstance(data_dir, Path) else list(data_dir)
+    cases = [c for folder in folders for c in load_cases(folder, recipe.labels)][:max_cases]
     train_idx, val_idx = split_cases(len(cases), recipe.data.validation_fraction, t.seed)
     spec = recipe.preprocessing
     prepared = [prepare_case(c, spec) for c in cases]
@@ -204,12 +228,15 @@ def train(
     description = describe_data(data_dir, cases, train_idx, val_idx)
     log.info("%s; %d validation slices", description, len(val_x))
 
-    model = build_model(
-        recipe.architecture,
-        channels=recipe.context_slices,
-        classes=len(recipe.labels),
-        **recipe.model_params,
-    )
+    if init_from is not None:
+        model = initial_model(init_from, recipe)
+    else:
+        model = build_model(
+            recipe.architecture,
+            channels=recipe.context_slices,
+            classes=len(recipe.labels),
+            **recipe.model_params,
+        )
     _compile(model, recipe)
     n_epochs = epochs or t.epochs
     callbacks = [
@@ -253,7 +280,8 @@ def train(
     info = {
         "recipe": recipe.bundle.name,
         "seed": t.seed,
-        "data_dir": str(data_dir),
+        "data_dir": str(data_dir) if isinstance(data_dir, Path) else [str(d) for d in folders],
+        "init_from": None if init_from is None else str(init_from),
         "data_description": description + f"; metrics on {eval_source}",
         "epochs_run": len(val_losses),
         "best_epoch": best_epoch,
