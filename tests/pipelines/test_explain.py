@@ -17,9 +17,10 @@ from dicomnode.imaging.volume import Volume
 from dicomnode.inference.card import Code, Label
 from dicomnode.outputs.layout import result_files
 from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
+from dicomnode.pipelines.classification import EXPLAINED_SLICES
 from dicomnode.pipelines.lesion import measure_components
 from dicomnode.pipelines.registry import check_pipeline
-from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
+from dicomnode.synthetic.phantom import Lesion, PhantomSpec, generate_phantom, write_phantom
 
 LABEL = Label(0, "lesion", 0.5, finding=Code("52988006", "SCT", "Lesion"))
 #: dciodvfy's warnings on every Parametric Map (see tests/outputs/test_pm.py).
@@ -177,7 +178,12 @@ def test_without_the_settings_there_is_no_heat_map_and_no_key_images(tmp_path: P
     assert out.summary["heat_maps"] == []
 
 
-def test_a_kind_that_makes_no_heat_maps_is_refused_before_any_session() -> None:
+def test_a_kind_that_makes_no_heat_maps_is_refused_before_any_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomnode.pipelines.classification import ClassificationKind
+
+    monkeypatch.setattr(ClassificationKind, "explains", False)
     settings = PipelineSettings(
         "triage",
         {"classification": builtin_bundle("lesion-cls")},
@@ -186,3 +192,48 @@ def test_a_kind_that_makes_no_heat_maps_is_refused_before_any_session() -> None:
     )
     with pytest.raises(ConfigError, match="heat_maps = true, but kind 'classification'"):
         check_pipeline(settings)
+
+
+def test_a_classification_is_explained_by_occlusion_where_the_lesion_is(
+    tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    # Given a classification-only pipeline with heat maps and a study with one lesion
+    settings = PipelineSettings(
+        "triage",
+        {"classification": builtin_bundle("lesion-cls")},
+        kind="classification",
+        providers=("cpu",),
+        heat_maps=True,
+    )
+    lesion = Lesion(center_mm=(-70.0, 30.0, 0.0), radius_mm=10.0, hu=40.0)
+    phantom = generate_phantom(PhantomSpec(slices=16, lesions=(lesion,), seed=5))
+    files = write_phantom(phantom, tmp_path / "in")
+    series = str(phantom.datasets[0].SeriesInstanceUID)
+    # When the node processes it
+    out = Processor(Config(pipelines=(settings,))).process_series(
+        files, "triage", result_files(tmp_path / "out", series, "triage"), uid_seed="occlusion"
+    )
+    # Then a heat map comes with the SR (no SEG), on at most EXPLAINED_SLICES slices ...
+    assert out.segmentation is None and len(out.heat_maps) == 1
+    assert out.files == [out.heat_maps[0], out.report]
+    pm = pydicom.dcmread(out.heat_maps[0])
+    uids = [str(ds.SOPInstanceUID) for ds in phantom.datasets]
+    levels = np.zeros((len(uids), *pm.pixel_array.shape[1:]), dtype=np.int32)
+    for i, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        levels[uids.index(str(source.ReferencedSOPInstanceUID))] = pm.pixel_array[i]
+    explained = np.flatnonzero(levels.reshape(len(levels), -1).any(axis=1))
+    assert 1 <= len(explained) <= EXPLAINED_SLICES
+    (mapping,) = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence
+    assert mapping.LUTExplanation == "occlusion sensitivity of lesion"
+    # ... hot on the lesion: hiding it is what lowers the probability, and only around it
+    # (at the map's resolution: patches of 2/12 of the slice)
+    truth = phantom.mask
+    hottest = int(np.argmax(levels.reshape(len(levels), -1).sum(axis=1)))
+    assert truth[hottest].any()
+    assert levels[hottest][truth[hottest]].mean() >= 128  # at least half the probability
+    assert (levels[hottest] > 0).mean() < 0.15
+    require_tool("dciodvfy")
+    for path in out.files:
+        report = run_dciodvfy(path)
+        assert report.errors == [], report.output
