@@ -20,7 +20,7 @@ UID) and model version it corrects, when and from which AE title and host it cam
 made it (manufacturer, model, software versions, content creator, segment labels), and
 how many images were kept with it.  The same provenance is kept in the ``feedback`` row.
 Nothing here creates a job or touches a study: a correction never re-processes its study
-(it does not drive processing, ``spool.store.drives_processing``).  Other notes are
+(it does not drive processing, ``spool.header.drives_processing``).  Other notes are
 rejected with the reason.  The files stay when retention purges the study.
 """
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from dicomnode.audit import AuditLog
 from dicomnode.net import status
 from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
+from dicomnode.spool.header import read_header
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
-from dicomnode.spool.store import Spool, StoreOutcome, read_header
+from dicomnode.spool.store import Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A radiologist corrects the node's SEG in a viewer (3D Slicer, OHIF) and sends the corrected
 SEG to the node.  Like every object that is not an image, it is stored and never drives
-processing (``spool.store.drives_processing``); in addition, the receive step
+processing (``spool.header.drives_processing``); in addition, the receive step
 (:mod:`dicomnode.net.receive`) notes every Segmentation that the node did not make (its
 SOP Instance UID is not under the node's root) here, from the UIDs it has already read:
 one row, no decoding.  Whether it is a correction of the node's work, and of which model

@@ -12,9 +12,10 @@ import pytest
 
 from dicomnode.db import Database
 from dicomnode.spool import journal
+from dicomnode.spool.header import read_header
 from dicomnode.spool.index import Index
 from dicomnode.spool.journal import LOG_DIR, ReceiveLog, RecordBuffer, read_segment
-from dicomnode.spool.store import Spool, StoreOutcome, read_header
+from dicomnode.spool.store import Spool, StoreOutcome
 
 
 def _spool(data: Path) -> Spool:

@@ -26,7 +26,7 @@ from dicomnode.app.node import Node
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.net import status
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.spool.store import read_header
+from dicomnode.spool.header import read_header
 
 NodeFactory = Callable[..., Node]
 #: The files the pydicom wheel ships (get_testdata_files would also try to download
