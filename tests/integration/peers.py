@@ -6,13 +6,14 @@ keep Nagle's algorithm on otherwise and stall ~45 ms per instance).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pynetdicom import AE, _config
 
 from dicomnode.app.node import Node
+from dicomnode.config import Remote
 
 T = TypeVar("T")
 
@@ -301,3 +303,40 @@ def dataset_offset(path: Path) -> int:
 
 def header(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, ""))
+
+
+@contextlib.contextmanager
+def orthanc_with_node(
+    executable: str,
+    folder: Path,
+    free_port: Callable[[], int],
+    node_factory: Callable[..., Node],
+    *,
+    remote_timeout_s: float = 20.0,
+    lua: str = "",
+    stable_age_s: int = 60,
+    **node_options: Any,
+) -> Iterator[tuple[Orthanc, Node]]:
+    """Orthanc as the PACS (AE ORTHANC, in ``folder``) knowing the node as the modality
+    ``dicomnode``, and a node (``node_factory(**node_options)``) knowing Orthanc as its
+    remote ``orthanc`` and sending results to ``@sender``; Orthanc stops on exit."""
+    dicom_port = free_port()
+    node = node_factory(
+        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, remote_timeout_s)],
+        destinations=("@sender",),
+        **node_options,
+    )
+    orthanc = Orthanc(
+        executable,
+        folder,
+        dicom_port,
+        free_port(),
+        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
+        lua=lua,
+        stable_age_s=stable_age_s,
+    )
+    orthanc.start()
+    try:
+        yield orthanc, node
+    finally:
+        orthanc.stop()

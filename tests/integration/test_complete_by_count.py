@@ -20,7 +20,6 @@ import pytest
 
 from dicomnode.app.node import Node
 from dicomnode.audit import read_audit
-from dicomnode.config import Remote
 from dicomnode.net.scu import Peer, StudyCount, count_study_instances
 from dicomnode.spool.index import StudyState
 from dicomnode.synthetic.phantom import Phantom
@@ -31,6 +30,7 @@ from .peers import (
     Orthanc,
     StoreSCP,
     describe_jobs,
+    orthanc_with_node,
     run_storescu,
     wait_until,
 )
@@ -54,23 +54,15 @@ def orthanc_node(
 ) -> Iterator[tuple[Orthanc, Node]]:
     """Orthanc (AE ORTHANC) knows the node; the node knows Orthanc as a remote and has a
     quiet period longer than the test."""
-    executable = require_tool("Orthanc")
-    dicom_port = free_port()
-    node = node_factory(
-        quiet_period_s=LONG_QUIET_S,
-        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, 10.0)],
-        destinations=("@sender",),
-    )
-    orthanc = Orthanc(
-        executable,
+    with orthanc_with_node(
+        require_tool("Orthanc"),
         tmp_path / "orthanc",
-        dicom_port,
-        free_port(),
-        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
-    )
-    orthanc.start()
-    yield orthanc, node
-    orthanc.stop()
+        free_port,
+        node_factory,
+        remote_timeout_s=10.0,
+        quiet_period_s=LONG_QUIET_S,
+    ) as pair:
+        yield pair
 
 
 def test_orthanc_routed_study_completes_by_count_long_before_the_quiet_period(

@@ -16,11 +16,17 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app.node import Node
-from dicomnode.config import Remote
 from dicomnode.outputs.validate import run_dciodvfy, run_dsrdump
 from dicomnode.synthetic.phantom import Phantom
 
-from .peers import COMPREHENSIVE_3D_SR_CLASS, SEG_CLASS, Orthanc, describe_jobs, wait_until
+from .peers import (
+    COMPREHENSIVE_3D_SR_CLASS,
+    SEG_CLASS,
+    Orthanc,
+    describe_jobs,
+    orthanc_with_node,
+    wait_until,
+)
 
 pytestmark = pytest.mark.peer
 
@@ -32,22 +38,10 @@ def orthanc_node(
     node_factory: Callable[..., Node],
     require_tool: Callable[[str], str],
 ) -> Iterator[tuple[Orthanc, Node]]:
-    executable = require_tool("Orthanc")
-    dicom_port = free_port()
-    node = node_factory(
-        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, 20.0)],
-        destinations=("@sender",),
-    )
-    orthanc = Orthanc(
-        executable,
-        tmp_path / "orthanc",
-        dicom_port,
-        free_port(),
-        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
-    )
-    orthanc.start()
-    yield orthanc, node
-    orthanc.stop()
+    with orthanc_with_node(
+        require_tool("Orthanc"), tmp_path / "orthanc", free_port, node_factory
+    ) as pair:
+        yield pair
 
 
 def test_orthanc_routes_study_and_stores_seg_and_sr(
@@ -133,24 +127,15 @@ def test_a_pacs_forwarding_every_stable_study_gets_one_seg_and_one_sr(
     included, back to the node.  Before the fix the PACS grew from 1 to 28 series in
     150 s.  For two minutes of quiet periods the PACS must hold exactly one SEG and one SR
     and the node exactly one job."""
-    executable = require_tool("Orthanc")
-    dicom_port = free_port()
-    node = node_factory(
-        quiet_period_s=1.0,
-        remotes=[Remote("orthanc", "ORTHANC", "127.0.0.1", dicom_port, 20.0)],
-        destinations=("@sender",),
-    )
-    orthanc = Orthanc(
-        executable,
+    with orthanc_with_node(
+        require_tool("Orthanc"),
         tmp_path / "orthanc",
-        dicom_port,
-        free_port(),
-        {"dicomnode": ["DICOMNODE", "127.0.0.1", node.port]},
+        free_port,
+        node_factory,
         lua=FORWARD_EVERY_STABLE_STUDY,
         stable_age_s=2,
-    )
-    orthanc.start()
-    try:
+        quiet_period_s=1.0,
+    ) as (orthanc, node):
         # Given the study stored in Orthanc, which forwards it once it is stable
         for f in phantom_files:
             orthanc.upload(f)
@@ -179,5 +164,3 @@ def test_a_pacs_forwarding_every_stable_study_gets_one_seg_and_one_sr(
         assert len(own) == 2, "Orthanc never forwarded the results back"
         assert orthanc.log.read_text().count("forwarding stable study") >= 2
         assert len(orthanc.get("/series")) == 3  # CT, SEG, SR
-    finally:
-        orthanc.stop()
