@@ -3,6 +3,7 @@ the next version with its parent and the data it saw, refuse to re-use a version
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,18 @@ import keras
 import numpy as np
 import pytest
 
+from dicomnode.app.node import Node
 from dicomnode.cli import main
+from dicomnode.config import PipelineSettings
+from dicomnode.feedback.collect import FeedbackCollector
 from dicomnode.inference.card import load_bundle
 from dicomnode.models.run import RunFiles
-from dicomnode.models.synthetic import write_case
-from dicomnode.synthetic.phantom import Lesion, generate_phantom
+from dicomnode.models.synthetic import build_segmentation, write_case
+from dicomnode.net.scp import FolderSCP
+from dicomnode.net.scu import Peer, send_files
+from dicomnode.spool.feedback import FeedbackState
+from dicomnode.synthetic.phantom import Lesion, generate_phantom, write_phantom
+from integration.peers import wait_until
 
 pytestmark = [
     pytest.mark.train,
@@ -101,3 +109,94 @@ def test_export_records_the_parent_and_the_data_it_saw(runs: dict[str, Path]) ->
             "corrects": {"job_id": 9, "model": "lesion-seg", "model_version": "1.0.0"},
         }
     ]
+
+
+def test_the_whole_loop_corrections_in_better_model_out_worse_refused(
+    node_factory: Callable[..., Node],
+    folder_scp: FolderSCP,
+    tiny_data: Path,
+    tmp_path: Path,
+    make_recipe: Callable[..., Any],
+    make_spec: Callable[..., Any],
+) -> None:
+    # Given version 1.0.0: a model trained for one step, exported, and run by a node
+    recipe = tmp_path / "tiny_seg.toml"
+    recipe.write_text(make_recipe("lesion_seg").source)
+    base, v1 = tmp_path / "base", tmp_path / "lesion-seg-1.0.0"
+    assert (
+        main(["train", str(recipe), "--data", str(tiny_data), "--out", str(base), "--steps", "1"])
+        == 0
+    )
+    assert main(["export", str(base), "--out", str(v1)]) == 0
+    config = node_factory(start=False, pacs_port=folder_scp.port).config
+    pipelines = (PipelineSettings("lesion", {"segmentation": v1}, providers=("cpu",)),)
+    node = Node(dataclasses.replace(config, pipelines=pipelines))
+    node.start()
+    try:
+        # When studies come, are processed, and a radiologist sends back corrected SEGs
+        lesions = [
+            (Lesion(center_mm=(-65.0, 5.0, 0.0), radius_mm=13.0, hu=30.0),),
+            (Lesion(center_mm=(70.0, -15.0, 2.0), radius_mm=12.0, hu=-50.0),),
+        ]
+        corrected = []
+        for i, found in enumerate(lesions):
+            phantom = generate_phantom(make_spec(40 + i, found))
+            files = write_phantom(phantom, tmp_path / f"study-{i}")
+            assert all(
+                r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", node.port), files, "PACS")
+            )
+            wait_until(
+                lambda n=i + 1: [j.state for j in node.jobs.list_jobs()] == ["done"] * n,
+                120,
+                f"job {i + 1} to finish",
+            )
+            seg = build_segmentation(phantom)  # the lesions as they are: the correction
+            seg.Manufacturer, seg.ContentCreatorName = "Example Viewer", "Doe^Jane"
+            path = tmp_path / f"corrected-{i}.dcm"
+            seg.save_as(path, enforce_file_format=True)
+            assert send_files(Peer("DICOMNODE", "127.0.0.1", node.port), [path], "RADIOLOGY")[0].ok
+            corrected.append(str(seg.SOPInstanceUID))
+        wait_until(
+            lambda: all(node.index.instance_versions(uid) for uid in corrected), 30, "the SEGs"
+        )
+        settled = FeedbackCollector(node.index.db, node.jobs).collect()
+        assert [r.state for r in settled] == [FeedbackState.ACCEPTED] * 2
+        assert len(node.jobs.list_jobs()) == 2  # the corrections made no job
+        feedback = node.config.node.data_dir / "feedback"
+    finally:
+        node.stop(timeout=30)
+    # ... and the model is fine-tuned on the base data plus the corrections, then exported
+    tuned, v2 = tmp_path / "tuned", tmp_path / "lesion-seg-1.0.1"
+    argv = ["train", str(recipe), "--data", str(tiny_data), "--data", str(feedback)]
+    argv += ["--init-from", str(base), "--out", str(tuned), "--epochs", "8", "--steps", "40"]
+    assert main(argv) == 0
+    argv = ["export", str(tuned), "--out", str(v2), "--parent", str(v1), "--version", "1.0.1"]
+    assert main(argv) == 0
+    card = load_bundle(v2).card
+    assert card.provenance["parent"]["version"] == "1.0.0"
+    seen = card.provenance["training_data"]["corrections"]
+    assert sorted(c["sop_instance_uid"] for c in seen) == sorted(corrected)
+    assert all(c["corrects"]["model_version"] == "1.0.0" for c in seen)
+    # Then on held-out cases the gate lets the better model out ...
+    held_out = tmp_path / "held-out"
+    for i, found in enumerate(
+        [
+            (Lesion(center_mm=(-60.0, 0.0, 0.0), radius_mm=13.0, hu=20.0),),
+            (Lesion(center_mm=(65.0, -15.0, 0.0), radius_mm=11.0, hu=50.0),),
+        ]
+    ):
+        write_case(generate_phantom(make_spec(60 + i, found)), held_out / f"case_{i}")
+    gate = ["--data", str(held_out), "--tolerance", "0.01"]
+    assert (
+        main(["evaluate", str(v2), "--against", str(v1), *gate, "--out", str(tmp_path / "g1")]) == 0
+    )
+    report = json.loads((tmp_path / "g1" / "gate.json").read_text())
+    dice = report["metrics"]["lesion.case_dice_mean"]
+    assert dice["candidate"] > dice["current"] + 0.2, dice
+    # ... and refuses the worse one
+    assert (
+        main(["evaluate", str(v1), "--against", str(v2), *gate, "--out", str(tmp_path / "g2")]) == 1
+    )
+    assert (
+        "lesion.case_dice_mean" in json.loads((tmp_path / "g2" / "gate.json").read_text())["worse"]
+    )
