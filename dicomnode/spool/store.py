@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
 from dicomnode.fsutil import fsync_dir, fsync_file, remove_partial_files, write_bytes_atomically
+from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.header import dataset_sha256, drives_processing, read_header
 from dicomnode.spool.index import Index, InstanceHeader, InstanceRecord, NewInstance
 from dicomnode.spool.journal import (
@@ -513,7 +514,9 @@ class Spool:
         the same data set whose file is intact is skipped; a missing or torn file is
         rewritten; an unknown one is stored.  Instances indexed after the oldest segment
         began whose file is torn and that no whole record holds were never acknowledged
-        (a power cut before the log sync): their rows are removed."""
+        (a power cut before the log sync): their rows are removed.  A Segmentation the
+        node did not make is noted in the feedback inbox again (once: the note is
+        idempotent), since a crash may have come between its index row and its note."""
         paths = segment_files(self.data_dir, owner)
         if not paths:
             return 0
@@ -524,7 +527,12 @@ class Spool:
             for record in read_segment(path):
                 whole = record.sha256  # checked when read
                 try:
-                    restored += self._replay(record, read_header(record.body), whole)
+                    header = read_header(record.body)
+                    restored += self._replay(record, header, whole)
+                    if is_feedback_candidate(header):  # its note may have been lost too
+                        FeedbackInbox(self.index.db).note(
+                            header, calling_ae=record.calling_ae, calling_host=record.calling_host
+                        )
                 except Exception as exc:  # the segment stays; the node does not start
                     raise SpoolError(
                         f"receive log {path}: an acknowledged instance cannot be restored: {exc}"

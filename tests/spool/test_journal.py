@@ -4,14 +4,18 @@ unclean stop left (acknowledged instances come back; torn ones are recognised)."
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import SegmentationStorage
 
 from dicomnode.db import Database
 from dicomnode.spool import journal
+from dicomnode.spool.feedback import FeedbackInbox
 from dicomnode.spool.header import read_header
 from dicomnode.spool.index import Index
 from dicomnode.spool.journal import LOG_DIR, ReceiveLog, RecordBuffer, read_segment
@@ -139,6 +143,38 @@ def test_recovery_restores_acknowledged_instances_the_spool_never_got(
         assert row.calling_ae == "PACS"
     assert journal.segment_files(data) == []
     assert again.recover() == 0
+
+
+def test_recovery_notes_a_segmentation_from_elsewhere_as_feedback(
+    tmp_path: Path, phantom_files: list[Path]
+) -> None:
+    """A SEG another system made is noted for feedback as it is spooled; a crash between
+    the acknowledgement and the spooling must not lose that note."""
+    data = tmp_path / "data"
+    spool = _spool(data)
+    ds = dcmread(phantom_files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9.10"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    body = out.getvalue()
+    buffer = spool.buffers.take()
+    buffer.extend(body)
+    pending = spool.log_instance(
+        buffer,
+        calling_ae="VIEWER",
+        calling_host="127.0.0.1",
+        header=read_header(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+    spool.wait_durable(pending)
+    # When the node starts again after the crash
+    again = _spool(data)
+    assert again.recover() == 1
+    # Then the SEG is in the index and noted, with who sent it
+    (note,) = FeedbackInbox(again.index.db).records()
+    assert (note.sop_instance_uid, note.calling_ae) == ("1.2.3.4.5.6.7.8.9.10", "VIEWER")
+    assert again.index.instance_versions(note.sop_instance_uid)
 
 
 def test_recovery_rewrites_a_torn_spool_file_and_drops_a_never_acknowledged_row(
