@@ -121,6 +121,14 @@ class FeedbackInbox:
         found = [_record(r) for r in rows.fetchall()]
         return found[::-1] if newest else found
 
+    def for_study(self, study_uid: str) -> list[FeedbackRecord]:
+        """A study's rows, oldest first."""
+        rows = self.db.connect().execute(
+            "SELECT * FROM feedback WHERE study_instance_uid = ? ORDER BY received_at, id",
+            (study_uid,),
+        )
+        return [_record(r) for r in rows.fetchall()]
+
     def get(self, feedback_id: int) -> FeedbackRecord:
         row = (
             self.db.connect()

@@ -4,6 +4,7 @@ Routes (mounted by :func:`dicomnode.web.app.create_app` through ``extra_routes``
 
 ``/``                                   worklist: studies by priority, then newest first
 ``/studies/{uid}``                      study: series, findings (from the SR), key slices,
+                                        heat maps, key images, corrections sent back,
                                         jobs and every delivery attempt (view audited)
 ``/jobs/{id}/slices/{series}/{n}.png``  a key slice of a SEG over its CT
 ``/jobs/{id}/heatmap/{series}.png``     the heat map's hottest slice over its CT
@@ -38,6 +39,7 @@ from starlette.templating import Jinja2Templates
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs.store import Job
 from dicomnode.outputs.layout import job_folder, result_files, results_root
+from dicomnode.spool.feedback import FeedbackInbox
 from dicomnode.web.app import TOKEN_COOKIE, WebContext
 from dicomnode.web.history import Attempt, delivery_attempts
 from dicomnode.web.render import (
@@ -224,7 +226,10 @@ class Pages:
                 client=request.client.host if request.client else "",
             )
         jobs = [self.job_view(j) for j in reversed(self.ctx.jobs.for_study(uid))]
-        return self.render(request, "study.html", row=row, jobs=jobs, title="Study")
+        corrections = FeedbackInbox(self.ctx.index.db).for_study(uid)
+        return self.render(
+            request, "study.html", row=row, jobs=jobs, corrections=corrections, title="Study"
+        )
 
     def key_slice(self, request: Request) -> Response:
         job = self._job(request)

@@ -4,6 +4,7 @@ node, is recognised, kept as training data with its provenance, listed by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from web.test_pages import page
 
 from dicomnode.app.node import Node
-from dicomnode.config import builtin_bundle
+from dicomnode.config import HttpSettings, builtin_bundle
 from dicomnode.feedback.collect import FeedbackCollector, feedback_root
 from dicomnode.inference.card import load_bundle
 from dicomnode.models.data import load_cases
@@ -251,3 +253,35 @@ def test_a_settled_note_cannot_be_settled_again(tmp_path: Path, state: str) -> N
     inbox.settle(note.id, FeedbackState(state))
     with pytest.raises(TransitionError):
         inbox.settle(note.id, FeedbackState.ACCEPTED)
+
+
+def test_the_study_page_shows_the_corrections_sent_back(
+    node_factory: Callable[..., Node],
+    folder_scp: FolderSCP,
+    phantom_files: list[Path],
+    tmp_path: Path,
+    require_tool: Callable[[str], str],
+) -> None:
+    storescu = require_tool("storescu")
+    base = node_factory(start=False, pacs_port=folder_scp.port).config
+    node = Node(dataclasses.replace(base, http=HttpSettings(enabled=True, port=0)))
+    node.start()
+    try:
+        results = send_files(Peer("DICOMNODE", "127.0.0.1", node.port), phantom_files, "PACS")
+        assert all(r.ok for r in results)
+        wait_until(lambda: [j.state for j in node.jobs.list_jobs()] == ["done"], 120, "the job")
+        (job,) = node.jobs.list_jobs()
+        (node_seg,) = node.config.node.data_dir.glob(f"results/job-{job.id}/*-seg.dcm")
+        sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in phantom_files]
+        path = tmp_path / "corrected.dcm"
+        corrected_segmentation(node_seg, sources).save_as(path, enforce_file_format=True)
+        assert run_storescu(storescu, node.port, [path], calling_ae=RADIOLOGIST_AE).returncode == 0
+        study = f"/studies/{job.study_instance_uid}"
+        # noted as it arrived, settled by the collector: the page says both
+        wait_until(lambda: "not yet settled" in page(node, study), 30, "the note on the page")
+        FeedbackCollector(node.index.db, node.jobs).collect()
+        shown = page(node, study)
+        assert "Corrections sent back" in shown and f"{RADIOLOGIST_AE}@127.0.0.1" in shown
+        assert "accepted" in shown and f"job {job.id}:" in shown and "Example Viewer" in shown
+    finally:
+        node.stop(timeout=30)
