@@ -111,6 +111,7 @@ def test_export_records_the_parent_and_the_data_it_saw(runs: dict[str, Path]) ->
     ]
 
 
+@pytest.mark.slow
 def test_the_whole_loop_corrections_in_better_model_out_worse_refused(
     node_factory: Callable[..., Node],
     folder_scp: FolderSCP,
