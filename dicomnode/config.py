@@ -156,6 +156,15 @@ class NodeSettings:
     max_instance_mb: Annotated[
         int, Field(ge=1, description="larger instances are refused with 0xA700")
     ] = 1024
+    receive_in_memory_mb: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="instances up to this size are received in memory and acknowledged "
+            "once in the receive log; larger ones are received into a file as they arrive "
+            "and stored durably before the answer",
+        ),
+    ] = 16
     receivers: Annotated[
         int,
         Field(

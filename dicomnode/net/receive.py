@@ -20,7 +20,7 @@ from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.header import read_header
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
-from dicomnode.spool.store import Spool, StoreOutcome
+from dicomnode.spool.store import ReceivedFile, Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,39 @@ def receive_instance(
         outcome = spool.store(encoded, calling_ae=calling_ae, calling_host=host, header=header)
     except Exception as exc:
         return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
+    return _stored(spool, audit, calling_ae, host, header, outcome)
+
+
+def receive_file(
+    spool: Spool,
+    audit: AuditLog,
+    received: ReceivedFile,
+    *,
+    calling_ae: str,
+    host: str,
+    via: str,
+    check: Check | None,
+    sha256: str,
+) -> Receipt:
+    """The fast path's receive of an instance too large for memory, received into a file
+    (:meth:`Spool.receive_into_file`): check it, store it durably, audit; never raises.
+    The file is the spool's from now on (moved into the spool or removed)."""
+    header: InstanceHeader | None = None
+    try:
+        with received.mapped() as body:
+            header = read_header(body)
+        refused = check(header) if check is not None else None
+        if refused is None:
+            outcome = spool.store_received_file(
+                received, calling_ae=calling_ae, calling_host=host, header=header, sha256=sha256
+            )
+    except Exception as exc:
+        received.discard()
+        return _refuse(audit, via, calling_ae, host, status.status_for(exc), str(exc), header)
+    if refused is not None:
+        received.discard()
+        code, reason = refused
+        return _refuse(audit, via, calling_ae, host, code, reason, header)
     return _stored(spool, audit, calling_ae, host, header, outcome)
 
 

@@ -29,13 +29,19 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import NodeSettings, Remote
 from dicomnode.net import patches, status
 from dicomnode.net.qr import QueryRetrieveSCP
-from dicomnode.net.receive import Check, Receipt, receive_instance, receive_logged
+from dicomnode.net.receive import (
+    Check,
+    Receipt,
+    receive_file,
+    receive_instance,
+    receive_logged,
+)
 from dicomnode.net.tls import server_context
 from dicomnode.net.ul import AssociateRequest, FastPath
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.query import Catalog
-from dicomnode.spool.store import Spool, StoreOutcome
+from dicomnode.spool.store import ReceivedFile, Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,7 @@ class StorageSCP:
                 self,
                 max_pdu=settings.max_pdu,
                 max_instance_bytes=settings.max_instance_mb * 2**20,
+                memory_bytes=settings.receive_in_memory_mb * 2**20,
                 timeout=settings.network_timeout_s,
                 acse_timeout=lambda: float(self.ae.acse_timeout or 30.0),
             )
@@ -251,7 +258,7 @@ class StorageSCP:
         host: str,
         sop_class: str,
         sop_instance: str,
-        encoded: bytes | RecordBuffer,
+        encoded: bytes | RecordBuffer | ReceivedFile,
         sha256: str | None,
         spooled: Callable[[], None] | None = None,
     ) -> tuple[int, str]:
@@ -259,11 +266,14 @@ class StorageSCP:
 
         A :class:`RecordBuffer` (the fast path, with its ``sha256``) is answered once the
         receive log holds the instance; the spool file and index row follow (``spooled``
-        is called then).  Bytes are stored before the answer."""
+        is called then).  Bytes, and a :class:`ReceivedFile` (the fast path's instances
+        too large for memory), are stored before the answer."""
         size = len(encoded) if isinstance(encoded, bytes) else encoded.length
         if not self._caller_allowed(calling_ae, host):
-            if not isinstance(encoded, bytes):
+            if isinstance(encoded, RecordBuffer):
                 self.spool.buffers.give(encoded)
+            elif isinstance(encoded, ReceivedFile):
+                encoded.discard()
             reason = "caller not allowed"
             log.warning("C-STORE refused: %s at %s is not an allowed caller", calling_ae, host)
             self.audit.record(
@@ -275,6 +285,17 @@ class StorageSCP:
                 reason=reason,
             )
             receipt = Receipt(status.REFUSED_NOT_AUTHORIZED, "refused", None, reason)
+        elif isinstance(encoded, ReceivedFile):
+            receipt = receive_file(
+                self.spool,
+                self.audit,
+                encoded,
+                calling_ae=calling_ae,
+                host=host,
+                via=f"C-STORE from {calling_ae}",
+                check=_matches(sop_class, sop_instance),
+                sha256=sha256 or "",
+            )
         elif isinstance(encoded, bytes):
             receipt = receive_instance(
                 self.spool,
@@ -303,7 +324,7 @@ class StorageSCP:
                 sha256=hashlib.sha256(encoded.body).hexdigest() if sha256 is None else sha256,
                 spooled=done,
             )
-        if not receipt.ok or isinstance(encoded, bytes):
+        if not receipt.ok or not isinstance(encoded, RecordBuffer):
             self._counted(calling_ae, size, receipt)
         study = receipt.header.study_instance_uid if receipt.ok and receipt.header else ""
         with self._lock:
@@ -348,6 +369,9 @@ class StorageSCP:
             summary.instances += 1
             summary.bytes += size
             summary.statuses[status_] += 1
+
+    def receive_into_file(self) -> ReceivedFile:
+        return self.spool.receive_into_file()
 
     def take_buffer(self) -> RecordBuffer:
         return self.spool.buffers.take()

@@ -6,7 +6,9 @@ stores anything (docs/performance.md).  Most associations a node sees are a PACS
 modality pushing images, so those are served here, in one thread, straight from the
 socket: P-DATA PDUs are read into one buffer, command fragments are parsed by hand
 (implicit VR little endian, a handful of elements), data set fragments are appended to
-the instance being received, and C-STORE-RSP / C-ECHO-RSP are encoded by hand.
+the instance being received (in memory up to ``receive_in_memory_mb``, beyond that into
+a file of the spool's tmp folder as they arrive), and C-STORE-RSP / C-ECHO-RSP are
+encoded by hand.
 
 Which associations come here: :func:`peek_associate_rq` reads the A-ASSOCIATE-RQ
 without consuming it (``MSG_PEEK``); :func:`fast_path_request` accepts it only when it
@@ -38,6 +40,7 @@ from typing import Any, Protocol
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from dicomnode.spool.journal import RecordBuffer
+from dicomnode.spool.store import ReceivedFile
 
 log = logging.getLogger(__name__)
 
@@ -351,13 +354,17 @@ class StorageService(Protocol):
         host: str,
         sop_class: str,
         sop_instance: str,
-        encoded: bytes | RecordBuffer,
+        encoded: bytes | RecordBuffer | ReceivedFile,
         sha256: str | None,
         spooled: Callable[[], None] | None = None,
     ) -> tuple[int, str]:
-        """Log one received instance (the buffer is the service's from now on): (status,
-        reason when refused); ``spooled`` is called once its spool file and index row are
-        written (after the answer)."""
+        """Log one received instance (the buffer or file is the service's from now on):
+        (status, reason when refused); for a buffer, ``spooled`` is called once its spool
+        file and index row are written (after the answer)."""
+        ...
+
+    def receive_into_file(self) -> ReceivedFile:
+        """A file to receive an instance too large for memory into."""
         ...
 
     def refuse(
@@ -383,10 +390,23 @@ class _Receiving:
     sop_class: str
     sop_instance: str
     message_id: int
+    #: Where the instance goes: memory, or past ``memory_bytes`` a file.
     buffer: RecordBuffer | None
     meta_length: int
     digest: Any = None
     received: int = 0
+    file: ReceivedFile | None = None
+    #: Over ``max_instance_bytes``: the rest is read and dropped.
+    dropped: bool = False
+
+    def discard(self, service: StorageService) -> None:
+        """Give back what holds the bytes (a store cut short, or refused as too large)."""
+        if self.buffer is not None:
+            service.give_buffer(self.buffer)
+            self.buffer = None
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
 
 
 class StorageAssociation:
@@ -402,8 +422,10 @@ class StorageAssociation:
         max_pdu: int,
         max_instance_bytes: int,
         timeout: float,
+        memory_bytes: int = 16 * 2**20,
     ) -> None:
         self.sock = sock
+        self.memory_bytes = memory_bytes
         self.host = host
         self.request = request
         self.service = service
@@ -472,8 +494,8 @@ class StorageAssociation:
         except (ConnectionError, OSError) as exc:
             log.info("association from %s at %s lost: %s", calling, self.host, exc)
         finally:
-            if self._receiving is not None and self._receiving.buffer is not None:
-                self.service.give_buffer(self._receiving.buffer)  # a store cut short
+            if self._receiving is not None:
+                self._receiving.discard(self.service)  # a store cut short
                 self._receiving = None
             self._ended(outcome)
         return outcome
@@ -566,24 +588,45 @@ class StorageAssociation:
         if receiving is None or context_id != receiving.context_id:
             raise ProtocolError("a data set fragment without its C-STORE request")
         receiving.received += len(fragment)
-        if receiving.buffer is not None:
-            if receiving.received > self.max_instance_bytes:
-                self.service.give_buffer(receiving.buffer)
-                receiving.buffer = None  # the rest is read and dropped
-            else:
-                receiving.buffer.extend(fragment)
-                receiving.digest.update(fragment)
+        if receiving.dropped:
+            pass
+        elif receiving.received > self.max_instance_bytes:
+            receiving.discard(self.service)
+            receiving.dropped = True
+        else:
+            buffer = receiving.buffer
+            if buffer is not None and buffer.length + len(fragment) > self.memory_bytes:
+                # Too large for memory: what came so far and the rest go to a file.
+                receiving.file = self.service.receive_into_file()
+                receiving.file.write(buffer.body)
+                self.service.give_buffer(buffer)
+                receiving.buffer = buffer = None
+            if buffer is not None:
+                buffer.extend(fragment)
+            elif receiving.file is not None:
+                receiving.file.write(fragment)
+            receiving.digest.update(fragment)
         if last:
             self._receiving = None
             self._answer_store(receiving)
 
     def _answer_store(self, receiving: _Receiving) -> None:
         calling = self.request.calling_ae
-        if receiving.buffer is None:
+        if receiving.dropped or (receiving.buffer is None and receiving.file is None):
             reason = f"instance larger than the maximum of {self.max_instance_bytes} bytes"
             code = 0xA700
             self.service.refuse(self.key, calling, self.host, receiving.received, code, reason)
-        else:
+        elif receiving.file is not None:
+            code, reason = self.service.store(
+                self.key,
+                calling,
+                self.host,
+                receiving.sop_class,
+                receiving.sop_instance,
+                receiving.file,
+                receiving.digest.hexdigest(),
+            )
+        elif receiving.buffer is not None:
             with self._spooling:
                 self._unspooled += 1
             code, reason = self.service.store(
@@ -647,10 +690,12 @@ class FastPath:
         max_instance_bytes: int,
         timeout: float,
         acse_timeout: Callable[[], float],
+        memory_bytes: int = 16 * 2**20,
     ) -> None:
         self.service = service
         self.max_pdu = max_pdu
         self.max_instance_bytes = max_instance_bytes
+        self.memory_bytes = memory_bytes
         self.timeout = timeout
         self.acse_timeout = acse_timeout
         self._active = 0
@@ -685,6 +730,7 @@ class FastPath:
             max_pdu=self.max_pdu,
             max_instance_bytes=self.max_instance_bytes,
             timeout=self.timeout,
+            memory_bytes=self.memory_bytes,
         )
         with self._idle:
             self._active += 1

@@ -13,21 +13,31 @@ is the one processed) and logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import queue
 import shutil
 import sqlite3
 import threading
 import time
+import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 from dicomnode.errors import InvalidInstanceError, OutOfResourcesError, SpoolError
-from dicomnode.fsutil import fsync_dir, fsync_file, remove_partial_files, write_bytes_atomically
+from dicomnode.fsutil import (
+    PART_SUFFIX,
+    fsync_dir,
+    fsync_file,
+    remove_partial_files,
+    write_bytes_atomically,
+)
 from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.header import dataset_sha256, drives_processing, read_header
 from dicomnode.spool.index import Index, InstanceHeader, InstanceRecord, NewInstance
@@ -71,7 +81,56 @@ class Pending:
 
 
 SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None] | None]
+
+
 #: Threads writing spool files and index rows behind the receive log.
+class ReceivedFile:
+    """An instance too large to hold in memory, written to a file of the spool's tmp
+    folder as it arrives (``*.part``: removed at start-up if a crash leaves it behind).  A
+    write that fails (a full disk) is kept as :attr:`error` and the rest is dropped: the
+    store then refuses the instance."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.length = 0
+        self.error: OSError | None = None
+        self._file: BinaryIO | None = None
+        try:
+            self._file = open(path, "xb")  # noqa: SIM115 (closed by mapped or discard)
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._file is None or self.error is not None:
+            return
+        try:
+            self._file.write(data)
+            self.length += len(data)
+        except OSError as exc:
+            self.error = exc
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[memoryview]:
+        """The bytes received, mapped read-only (the file is closed for writing first);
+        raises the write error, if one happened, as :class:`OutOfResourcesError` or
+        :class:`SpoolError`."""
+        if self._file is not None:
+            self._file.close()
+        if self.error is not None:
+            raise _write_error(self.error, "a large instance")
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                yield view
+            finally:
+                view.release()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
 SPOOLER_THREADS = 2
 
 
@@ -220,9 +279,27 @@ class Spool:
         association while the first is still being stored): both would pick the same
         version and file name, and the loser must not remove the winner's file."""
         header, body = pending.header, pending.buffer.body
-        whole = pending.sha256
+        outcome, spooled = self._store_one(
+            body, header, pending.sha256, pending.calling_ae, pending.calling_host
+        )
+        self.receive_log().applied(pending.segment, spooled)
+        del body
+        pending.pool.give(pending.buffer)
+        return outcome
+
+    def _store_one(
+        self,
+        body: bytes | memoryview,
+        header: InstanceHeader,
+        whole: str,
+        calling_ae: str,
+        calling_host: str,
+        *,
+        durable: bool = False,
+    ) -> tuple[StoreOutcome, Path | None]:
+        """The spool file and index row of a new instance or version, or nothing for a
+        duplicate; returns the outcome and the file written."""
         uid = header.sop_instance_uid
-        spooled: Path | None = None
         with self._uid_locks[zlib.crc32(uid.encode()) % len(self._uid_locks)]:
             versions = self.index.instance_versions(uid)
             # The data set's own digest only when there is something to compare it with:
@@ -234,21 +311,47 @@ class Spool:
                     self.index.touch_study(header.study_instance_uid)
                 except sqlite3.Error as exc:  # stored already: still acknowledged
                     log.warning("duplicate %s: study not touched: %s", uid, exc)
-                outcome = StoreOutcome.DUPLICATE
-            else:
-                outcome, spooled = self._spool(
-                    body,
-                    pending.calling_ae,
-                    pending.calling_host,
-                    header,
-                    content,
-                    versions,
-                    whole=whole,
+                return StoreOutcome.DUPLICATE, None
+            return self._spool(
+                body,
+                calling_ae,
+                calling_host,
+                header,
+                content,
+                versions,
+                durable=durable,
+                whole=whole,
+            )
+
+    # --- instances too large to hold in memory ------------------------------------------
+
+    def receive_into_file(self) -> ReceivedFile:
+        """A file in the tmp folder to receive a large instance into, as it arrives."""
+        return ReceivedFile(self.tmp / f".{uuid.uuid4().hex}{PART_SUFFIX}")
+
+    def store_received_file(
+        self,
+        received: ReceivedFile,
+        *,
+        calling_ae: str,
+        calling_host: str,
+        header: InstanceHeader,
+        sha256: str,
+    ) -> StoreOutcome:
+        """Store a large instance received into a file durably before returning (spool
+        file fsynced and renamed into place, folder fsynced, index row committed with
+        ``synchronous=FULL``: one instance of this size costs a few syncs, not a copy in
+        the receive log); the received file is removed whatever happens.  Raises as
+        :meth:`store` does."""
+        try:
+            self.check_space(received.length + received.length // 8 + 64 * 2**10)
+            with received.mapped() as body:
+                outcome, _ = self._store_one(
+                    body, header, sha256, calling_ae, calling_host, durable=True
                 )
-        self.receive_log().applied(pending.segment, spooled)
-        del body
-        pending.pool.give(pending.buffer)
-        return outcome
+            return outcome
+        finally:
+            received.discard()
 
     def spool_later(
         self, pending: Pending, done: Callable[[StoreOutcome], None] | None = None

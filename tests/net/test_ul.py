@@ -3,6 +3,7 @@ them as pynetdicom would, with the node's policies, from real peers on 127.0.0.1
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -23,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomnode.net import status, ul
 from dicomnode.net.scu import Peer, send_files
+from dicomnode.spool import journal
 from dicomnode.spool.structure import split_file_meta
 
 from ..conftest import require_tool
@@ -196,3 +198,100 @@ def test_error_comment_is_one_clean_lo_value() -> None:
     comment = command[0x0902]
     assert len(comment) <= 64 and b"\\" not in comment and b"\n" not in comment
     assert struct.unpack("<H", command[0x0900])[0] == 0xC210
+
+
+def _big_instance(small: Path, name: str, uid: str, mib: int) -> Path:
+    """A copy of a phantom slice with ``mib`` MiB of pixels (1024 columns of 16 bits)."""
+    big = small.parent / name
+    ds = dcmread(small)
+    ds.Rows, ds.Columns = mib * 512, 1024
+    ds.PixelData = os.urandom(mib * 2**20)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    ds.save_as(big)
+    return big
+
+
+def test_an_instance_over_the_memory_limit_is_received_into_a_file_and_stored_as_sent(
+    scp_factory: ScpFactory, phantom_files: list[Path]
+) -> None:
+    storescu = require_tool("storescu")
+    # Given a node that keeps instances of up to 1 MiB in memory
+    scp = scp_factory(receive_in_memory_mb=1)
+    small = phantom_files[0]
+    big = _big_instance(small, "big.dcm", "1.2.3.998", 3)
+    # When storescu sends a 3 MiB instance and a small one on one association
+    subprocess.run(
+        [storescu, "-aec", scp.settings.ae_title, "127.0.0.1", str(scp.port), str(big), str(small)],
+        check=True,
+        env=TCP_NODELAY,
+        capture_output=True,
+    )
+    # Then both are stored as sent and indexed with the SHA-256 of their spool file
+    assert scp.fast is not None and scp.fast.served == 1
+    assert scp.counters.stored == 2 and scp.counters.failed == 0
+    for path in (big, small):
+        sent = path.read_bytes()
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        (stored,) = scp.spool.index.instance_versions(uid)
+        data = stored.path.read_bytes()
+        assert data[split_file_meta(data)[0] :] == sent[split_file_meta(sent)[0] :]
+        assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    # ...the large one never in memory nor in the receive log (it went through a file of
+    # the tmp folder, which is empty again), the small one through the log
+    assert all(b.capacity <= 2**20 for b in scp.spool.buffers._free)
+    logged = [
+        r.body
+        for segment in journal.segment_files(scp.settings.data_dir)
+        for r in journal.read_segment(segment)
+    ]
+    assert len(logged) == 1 and len(logged[0]) < 2**20
+    assert list(scp.spool.tmp.iterdir()) == []
+
+
+def test_a_large_instance_cut_short_or_over_the_maximum_leaves_nothing_behind(
+    scp_factory: ScpFactory, phantom_files: list[Path]
+) -> None:
+    scp = scp_factory(receive_in_memory_mb=1, max_instance_mb=2)
+    small = phantom_files[0]
+    # When a 3 MiB instance comes, over the maximum of 2 MiB but past the memory limit
+    too_big = _big_instance(small, "too-big.dcm", "1.2.3.997", 3)
+    results = send_files(Peer(scp.settings.ae_title, "127.0.0.1", scp.port), [too_big], "PEER")
+    assert [r.status for r in results] == [status.REFUSED_OUT_OF_RESOURCES]
+    # ...and a peer stops in the middle of a 1.5 MiB data set (past the memory limit)
+    ct = str(AllStoragePresentationContexts[0].abstract_syntax)
+
+    def element(number: int, value: bytes) -> bytes:  # implicit VR little endian
+        return struct.pack("<HHI", 0x0000, number, len(value)) + value
+
+    command = b"".join(
+        (
+            element(0x0002, ct.encode() + b"\0"),
+            element(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            element(0x0110, struct.pack("<H", 1)),
+            element(0x0700, struct.pack("<H", 0)),
+            element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+            element(0x1000, b"1.2.3.996\0"),
+        )
+    )
+    command = element(0x0000, struct.pack("<I", len(command))) + command
+
+    def pdv(control: int, value: bytes) -> bytes:
+        item = struct.pack(">I", len(value) + 2) + bytes((1, control)) + value
+        return struct.pack(">BxI", 0x04, len(item)) + item
+
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as sock:
+        sock.sendall(_request([(ct, ["1.2.840.10008.1.2.1"])], called=scp.settings.ae_title))
+        assert sock.recv(6)[:1] == b"\x02"
+        sock.recv(65536)
+        sock.sendall(pdv(0x03, command))
+        for _ in range(12):
+            sock.sendall(pdv(0x00, os.urandom(128 * 2**10)))
+        time.sleep(0.5)
+        assert len(list(scp.spool.tmp.iterdir())) == 1  # it is being received into a file
+    # Then neither is stored, and no file is left in the tmp folder
+    deadline = time.monotonic() + 10
+    while list(scp.spool.tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(scp.spool.tmp.iterdir()) == []
+    assert scp.spool.index.instance_versions("1.2.3.997") == []
+    assert scp.spool.index.instance_versions("1.2.3.996") == []
