@@ -7,8 +7,11 @@ input folder to its study, output files (with their SHA-256), findings and prior
 
 Resume: a study the manifest lists as done is skipped when each of its output files is
 present and unchanged (same hash); otherwise it is done again.  The manifest is written
-after every study, so an interrupted run resumes where it stopped.  A missing input folder
-is an error; non-DICOM files are skipped with a warning.
+as studies finish (after each one, unless the last write was under a second ago or the
+manifest has grown so large that writing it would cost more than about 5% of the run),
+at the end, and when the run is interrupted, so an interrupted run resumes where it
+stopped; a study finished but not yet on record is done again, into the same files.  A
+missing input folder is an error; non-DICOM files are skipped with a warning.
 
 Where the studies run is a :class:`StudyRunner`: one after another in this process (the
 default), a pool of local processes (``workers``), or actors on a Ray cluster
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
+#: The least time between two writes of the manifest during a run.
+MANIFEST_INTERVAL_S = 1.0
 CSV_COLUMNS = (
     "input_folder",
     "study_instance_uid",
@@ -405,6 +410,26 @@ def run_batch(
         chosen.close()
 
 
+class _ManifestWriter:
+    """Writes the manifest after a study when the last write is old enough: at least
+    :data:`MANIFEST_INTERVAL_S` ago and 20 times as long ago as that write took, so that a
+    large manifest (about 1 KB per study) costs at most about 5% of the run."""
+
+    def __init__(self, output_dir: Path, manifest: dict[str, dict[str, Any]]) -> None:
+        self.output_dir = output_dir
+        self.manifest = manifest
+        self.written_at = 0.0
+        self.took = 0.0
+
+    def write(self, summary: BatchSummary, *, now: bool = False) -> None:
+        started = time.perf_counter()
+        if not now and started - self.written_at < max(MANIFEST_INTERVAL_S, 20 * self.took):
+            return
+        summary.manifest_json, summary.manifest_csv = write_manifest(self.output_dir, self.manifest)
+        self.written_at = time.perf_counter()
+        self.took = self.written_at - started
+
+
 def _run(
     runner: StudyRunner,
     input_dir: Path,
@@ -416,6 +441,7 @@ def _run(
     tasks = _tasks(runner.scan(input_dir), input_dir)
     summary = BatchSummary()
     manifest = _read_manifest(output_dir)
+    writer = _ManifestWriter(output_dir, manifest)
     with _progress(stream, input_dir, progress) as bar:
         bar_task = bar.add_task("studies", total=len(tasks), study="")
         to_do = []
@@ -426,25 +452,34 @@ def _run(
                 bar.advance(bar_task)
             else:
                 to_do.append(task)
-        for task, entry in runner.run(to_do):
-            study_uid, folder = task.study_instance_uid, task.input_folder
-            earlier = manifest.get(study_uid)
-            if entry["state"] == "done":
-                if earlier is not None and earlier.get("state") == "done":
-                    summary.redone.append(study_uid)
-                    log.warning(
-                        "study %s (%s): outputs missing or changed; redone", study_uid, folder
-                    )
-                else:
-                    summary.done.append(study_uid)
-            elif entry["state"] == "ignored":
-                summary.ignored.append(study_uid)
-            else:
-                summary.failed[study_uid] = entry["error"]
-            manifest[study_uid] = {"input_folder": folder, **entry}
-            summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
-            bar.update(bar_task, advance=1, study=folder)
-    summary.manifest_json, summary.manifest_csv = write_manifest(output_dir, manifest)
+        try:
+            for task, entry in runner.run(to_do):
+                _record(summary, manifest, task, entry)
+                writer.write(summary)
+                bar.update(bar_task, advance=1, study=task.input_folder)
+        finally:  # interrupted too: what is done is on record
+            writer.write(summary, now=True)
     summary.placement = dict(runner.placement)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _record(
+    summary: BatchSummary,
+    manifest: dict[str, dict[str, Any]],
+    task: StudyTask,
+    entry: dict[str, Any],
+) -> None:
+    study_uid, folder = task.study_instance_uid, task.input_folder
+    earlier = manifest.get(study_uid)
+    if entry["state"] == "done":
+        if earlier is not None and earlier.get("state") == "done":
+            summary.redone.append(study_uid)
+            log.warning("study %s (%s): outputs missing or changed; redone", study_uid, folder)
+        else:
+            summary.done.append(study_uid)
+    elif entry["state"] == "ignored":
+        summary.ignored.append(study_uid)
+    else:
+        summary.failed[study_uid] = entry["error"]
+    manifest[study_uid] = {"input_folder": folder, **entry}

@@ -22,9 +22,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from importlib.util import find_spec
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dicomnode.app.logformat import LogFormat
 from dicomnode.app.metrics import NodeMetrics
@@ -36,7 +39,7 @@ from dicomnode.config import Config
 from dicomnode.db import Database
 from dicomnode.delivery.deliverer import Deliverer
 from dicomnode.delivery.store import Outbox
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, MissingExtraError
 from dicomnode.jobs.scheduler import Scheduler, SenderCounts
 from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.outputs.layout import job_folder, results_root
@@ -47,6 +50,9 @@ from dicomnode.web.dicomweb import dicomweb_routes
 from dicomnode.web.pages import page_routes
 from dicomnode.web.server import HttpServer
 
+if TYPE_CHECKING:
+    from dicomnode.app.rayjobs import RayJobs
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +62,8 @@ class Node:
         self.log_format = log_format
         self.metrics = NodeMetrics()
         self.preflight = preflight(config)  # before anything is created or bound
+        if config.node.worker_backend == "ray" and find_spec("ray") is None:
+            raise MissingExtraError('worker_backend = "ray"', "ray")
         for warning in self.preflight.warnings:
             log.warning("%s", warning)
         self.db = Database(config.node.data_dir)
@@ -85,6 +93,7 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: list[BaseProcess] = []
+        self._ray: RayJobs | None = None
 
     @property
     def port(self) -> int:
@@ -136,9 +145,11 @@ class Node:
         if self.config.http.enabled:
             self.http = self._start_http()
         self._spawn_thread(self._housekeeping, "housekeeping")
-        if self.config.node.workers == 0:
+        if self.config.node.worker_backend == "ray":
+            self._start_ray_workers()
+        elif self.config.node.workers == 0:
             self._spawn_thread(self._work_in_thread, "worker")
-        for i in range(self.config.node.workers):
+        for i in range(self.config.node.workers if self._ray is None else 0):
             self._workers.append(self._start_worker(i))
         if self._workers or self._receivers:
             self._spawn_thread(self._drain_metrics, "metrics")
@@ -171,10 +182,12 @@ class Node:
         dead = [p.name for p in [*self._workers, *self._receivers.values()] if not p.is_alive()]
         if dead:
             reasons.append(f"worker(s) not running: {', '.join(dead)}")
-        if self.config.node.workers == 0 and not any(
-            t.name == "worker" and t.is_alive() for t in self._threads
-        ):
+        local_thread = self.config.node.workers == 0 and self._ray is None
+        if local_thread and not any(t.name == "worker" and t.is_alive() for t in self._threads):
             reasons.append("the worker thread is not running")
+        stopped = [t.name for t in self._threads if t.name.startswith("ray-") and not t.is_alive()]
+        if stopped:
+            reasons.append(f"job loop(s) not running: {', '.join(stopped)}")
         if self._stop.is_set():
             reasons.append("stopping")
         return reasons
@@ -196,6 +209,15 @@ class Node:
         server = HttpServer(create_app(ctx, routes), http.bind_address, http.port)
         server.start()
         return server
+
+    def _start_ray_workers(self) -> None:
+        """Jobs on the Ray cluster of ``[ray]`` (app/rayjobs.py): one job loop thread per
+        actor; ``[node].workers`` is not used."""
+        from dicomnode.app.rayjobs import RayJobs
+
+        self._ray = RayJobs(self.config)
+        for number in range(len(self._ray.actors)):
+            self._spawn_thread(partial(self._ray.run, number, self._stop), f"ray-worker-{number}")
 
     def _work_in_thread(self) -> None:
         run_jobs(self.config, self._stop, self.metrics)
@@ -342,6 +364,8 @@ class Node:
                 p.kill()
         for t in self._threads:
             t.join(timeout)
+        if self._ray is not None:
+            self._ray.close()
         self.scheduler.close()
         self.deliverer.shutdown()
         log.info("stopped; queued work stays in %s", self.db.path)

@@ -8,12 +8,14 @@ does, so the studies, their series and the order of their files are the same.
 
 Each study is then processed by one of ``[ray].actors`` actors (:class:`StudyWorker`),
 each holding a study processor whose model sessions are loaded once, when the actor
-starts, and reserving ``[ray].num_cpus`` / ``num_gpus`` / ``memory_mb`` of the cluster.
+starts, and reserving ``[ray].num_cpus`` / ``num_gpus`` / ``memory_mb`` of the cluster;
+the actors are spread over the nodes by room (:func:`placements`).
 An actor reads the study's files and writes its results under the output folder itself:
 input and output folders must be the same paths on every node (shared storage,
 docs/scale-out.md).  Actors are restarted when they die (``max_restarts = -1``, on any node
-with room), and a study in hand when its node died is run again, at most
-``[jobs].max_attempts`` times in all (Ray's ``max_task_retries``); after that it is
+with room), and a study in hand when its node died is sent again after the back-off of
+``[jobs]`` (a restarting actor refuses calls; Ray's own ``max_task_retries`` would spend
+its retries at once), at most ``[jobs].max_attempts`` times in all; after that it is
 reported failed and the batch goes on.  Results are deterministic (UIDs from seeds), so a
 study run twice writes the same files.
 """
@@ -23,6 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +36,7 @@ from typing import Any
 import ray
 from pydicom import dcmread
 from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dicomnode.app.batch import StudyTask, process_study
 from dicomnode.app.processor import Processor
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 512
 #: Actor calls in flight per actor (the next study is waiting when one finishes).
 IN_FLIGHT = 2
+#: After this long, actors still starting are reported (the cluster may lack room).
+STARTUP_WARNING_S = 60.0
 
 
 def connect(address: str) -> bool:
@@ -51,24 +59,58 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Ray's core worker installs its own SIGTERM handler (it ends the process at once): put
+    # back the caller's, so that the node's first SIGTERM still stops it gracefully.
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     if address:
         ray.init(address=address, **options)
     else:
         ray.init(include_dashboard=False, **options)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
     return True
 
 
-def actor_options(settings: RaySettings) -> dict[str, Any]:
-    """What each actor reserves on the cluster, and its restart policy."""
+def actor_options(settings: RaySettings) -> list[dict[str, Any]]:
+    """Each of the ``settings.actors`` actors' options: what it reserves on the cluster,
+    its restart policy and where it goes (:func:`placements`)."""
     options: dict[str, Any] = {
         "num_cpus": settings.num_cpus,
         "num_gpus": settings.num_gpus,
         "max_restarts": -1,
-        "scheduling_strategy": "SPREAD",
     }
     if settings.memory_mb:
         options["memory"] = settings.memory_mb * 2**20
-    return options
+    return [{**options, "scheduling_strategy": s} for s in placements(settings)]
+
+
+def placements(settings: RaySettings) -> list[Any]:
+    """Where each actor goes: actor by actor, to the alive node with the most room left
+    for one more (its CPU and GPU slots over the actor's, less the actors already placed
+    there), as soft node affinity: an actor restarted after its node died, or one that
+    does not fit where it was sent, goes to any node with room.  ``SPREAD`` (Ray's best
+    effort) for actors no node has room for: they start when the cluster grows."""
+    room: dict[str, float] = {}
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        slots = [
+            resources.get(name, 0.0) / want
+            for name, want in (("CPU", settings.num_cpus), ("GPU", settings.num_gpus))
+            if want > 0
+        ]
+        room[node["NodeID"]] = float(int(min(slots))) if slots else float("inf")
+    chosen: list[Any] = []
+    for _ in range(settings.actors):
+        best = max(room, key=room.__getitem__, default=None)
+        if best is None or room[best] < 1:
+            chosen.append("SPREAD")
+            continue
+        room[best] -= 1
+        chosen.append(NodeAffinitySchedulingStrategy(best, soft=True))
+    return chosen
 
 
 def worker_stats() -> dict[str, Any]:
@@ -175,9 +217,10 @@ class RayStudyRunner:
     def __init__(self, config: Config, output_dir: Path, address: str) -> None:
         self.config = config
         self.output_dir = output_dir
-        self.retries = max(0, config.jobs.max_attempts - 1)
         self._disconnect = connect(address)
         self.actors: list[Any] = []
+        self._queue: list[tuple[float, StudyTask]] = []
+        self._attempts: dict[str, int] = {}
         #: Study -> the node id it was processed on.
         self.placement: dict[str, str] = {}
 
@@ -186,46 +229,113 @@ class RayStudyRunner:
 
     def _start_actors(self) -> None:
         if not self.actors:
-            options = actor_options(self.config.ray)
             self.actors = [
                 StudyActor.options(**options).remote(self.config, str(self.output_dir))
-                for _ in range(self.config.ray.actors)
+                for options in actor_options(self.config.ray)
             ]
 
     def run(self, tasks: Sequence[StudyTask]) -> Iterator[tuple[StudyTask, dict[str, Any]]]:
+        """Send each study to an actor that has started (at most :data:`IN_FLIGHT` each);
+        a study whose actor died is sent again after the back-off of ``[jobs]``."""
         if not tasks:
             return
         self._start_actors()
-        queue = list(reversed(tasks))
-        busy = dict.fromkeys(range(len(self.actors)), 0)
+        #: (when it may be sent, the study), the next one last.
+        self._queue = [(0.0, task) for task in reversed(tasks)]
+        self._attempts = {}
+        starting = {a.__ray_ready__.remote(): n for n, a in enumerate(self.actors)}
+        busy: dict[int, int] = {}  # actors started -> studies in flight
         running: dict[Any, tuple[StudyTask, int]] = {}
-        while queue or running:
+        since = time.monotonic()
+        while self._queue or running:
+            now = time.monotonic()
             for number in sorted(busy, key=busy.__getitem__):
-                if queue and busy[number] < IN_FLIGHT:
-                    task = queue.pop()
-                    call = self.actors[number].process.options(max_task_retries=self.retries)
-                    running[call.remote(task)] = (task, number)
+                if self._queue and self._queue[-1][0] <= now and busy[number] < IN_FLIGHT:
+                    _, task = self._queue.pop()
+                    study = task.study_instance_uid
+                    self._attempts[study] = self._attempts.get(study, 0) + 1
+                    running[self.actors[number].process.remote(task)] = (task, number)
                     busy[number] += 1
-            done, _ = ray.wait(list(running), num_returns=1)
+            if not busy and not starting:
+                yield from self._fail_all("no Ray actor could start (see the log)")
+                return
+            if starting and time.monotonic() - since > STARTUP_WARNING_S:
+                self._warn_starting(len(starting))
+                since = float("inf")
+            wake = max(0.05, self._queue[-1][0] - now) if self._queue else 1.0
+            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=wake)
             for ref in done:
+                if ref in starting:
+                    number = starting.pop(ref)
+                    if self._started(ref, number):
+                        busy[number] = 0
+                    continue
                 task, number = running.pop(ref)
                 busy[number] -= 1
-                yield task, self._entry(ref, task)
+                entry = self._entry(ref, task)
+                if entry is not None:
+                    yield task, entry
 
-    def _entry(self, ref: Any, task: StudyTask) -> dict[str, Any]:
+    def _started(self, ref: Any, number: int) -> bool:
+        try:
+            ray.get(ref)
+        except RayError as exc:
+            log.error("Ray actor %d could not start: %s", number, exc)
+            return False
+        return True
+
+    def _warn_starting(self, count: int) -> None:
+        ray_settings = self.config.ray
+        log.warning(
+            "%d Ray actor(s) not started after %.0f s: does the cluster have %s CPU and %s "
+            "GPU free for each? (the others go on)",
+            count,
+            STARTUP_WARNING_S,
+            ray_settings.num_cpus,
+            ray_settings.num_gpus,
+        )
+
+    def _fail_all(self, reason: str) -> Iterator[tuple[StudyTask, dict[str, Any]]]:
+        for _, task in reversed(self._queue):
+            yield task, {"state": "failed", "error": reason}
+        self._queue = []
+
+    def _entry(self, ref: Any, task: StudyTask) -> dict[str, Any] | None:
+        """The study's manifest entry; None when its actor died and it is sent again."""
         study = task.study_instance_uid
         try:
             entry, node = ray.get(ref)
         except RayActorError as exc:
-            log.error("study %s (%s): its Ray worker died: %s", study, task.input_folder, exc)
-            reason = f"the Ray worker died {self.retries + 1} time(s) while processing it"
-            return {"state": "failed", "error": f"{reason}: {type(exc).__name__}"}
+            attempt = self._attempts[study]
+            if attempt >= self.config.jobs.max_attempts:
+                return self._lost(task, attempt, exc)
+            delay = self.config.jobs.delay(attempt)
+            log.warning(
+                "study %s (%s): its Ray worker died (%s); sent again in %.0f s",
+                study,
+                task.input_folder,
+                type(exc).__name__,
+                delay,
+            )
+            self._queue.append((time.monotonic() + delay, task))
+            self._queue.sort(key=lambda item: -item[0])
+            return None
         except (RayTaskError, RayError) as exc:
             log.error("study %s (%s) failed on Ray: %s", study, task.input_folder, exc)
             return {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
         self.placement[study] = node
         log.info("study %s: processed on node %s", study, node)
         return dict(entry)
+
+    def _lost(self, task: StudyTask, attempts: int, exc: RayActorError) -> dict[str, Any]:
+        log.error(
+            "study %s (%s): its Ray worker died: %s",
+            task.study_instance_uid,
+            task.input_folder,
+            exc,
+        )
+        reason = f"the Ray worker died while processing it, {attempts} time(s)"
+        return {"state": "failed", "error": f"{reason}: {type(exc).__name__}"}
 
     def stats(self) -> list[dict[str, Any]]:
         """Each actor's node, process and memory (:func:`worker_stats`)."""

@@ -171,8 +171,18 @@ class RayCluster:
         self._start("head", args)
 
     def start_second(self) -> None:
+        """Start the second node and wait until work can be scheduled on it (the cluster's
+        view of its resources lags its registration a little)."""
         args = ["--address", self.address, "--num-cpus", str(self.num_cpus)]
         self._start("second", [*args, "--resources", json.dumps({"second": 100})])
+        script = (
+            "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+            "probe = ray.remote(lambda: ray.get_runtime_context().get_node_id()); "
+            "print(ray.get(probe.options(resources={'second': 1}).remote(), timeout=60))"
+        )
+        done = self.run([sys.executable, "-c", script, self.address], timeout=90)
+        if done.returncode != 0:
+            raise RayUnavailable(f"the second node takes no work: {done.stderr[-2000:]}")
 
     def kill_second(self) -> None:
         """SIGKILL every process of the second node (raylet, agents, its actors)."""
