@@ -40,6 +40,7 @@ from dicomnode.db import Database
 from dicomnode.delivery.deliverer import Deliverer
 from dicomnode.delivery.store import Outbox
 from dicomnode.errors import DicomNodeError, MissingExtraError
+from dicomnode.feedback.collect import FeedbackCollector
 from dicomnode.jobs.scheduler import Scheduler, SenderCounts
 from dicomnode.jobs.store import DONE, JobStore
 from dicomnode.outputs.layout import job_folder, results_root
@@ -69,6 +70,8 @@ class Node:
         self.db = Database(config.node.data_dir)
         self.index = Index(self.db)
         self.jobs = JobStore(self.db, config.jobs)
+        #: Settles the segmentations sent back (corrections become training data).
+        self.feedback = FeedbackCollector(self.db, self.jobs)
         self.outbox = Outbox(self.db, self.jobs, config.delivery)
         self.audit = AuditLog(config.node.audit_path)
         self.spool = make_spool(config, self.index)
@@ -307,6 +310,8 @@ class Node:
                 self._check_workers()
                 self._check_receivers()
                 self.purge_expired()
+                for note in self.feedback.collect():
+                    log.info("feedback %d settled: %s %s", note.id, note.state, note.reason)
             except Exception:
                 log.exception("housekeeping failed; retrying")
             self._stop.wait(interval)

@@ -27,7 +27,7 @@ from dicomnode.inference.card import load_bundle
 from dicomnode.models.data import load_cases
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
-from dicomnode.spool.feedback import FeedbackState
+from dicomnode.spool.feedback import FeedbackInbox, FeedbackState
 from dicomnode.synthetic.phantom import Phantom
 from integration.peers import describe_jobs, run_storescu, wait_until
 
@@ -144,6 +144,12 @@ def test_a_corrected_seg_sent_by_storescu_becomes_training_data_without_a_job(
     assert (study_after.state, study_after.generation) == (
         study_before.state,
         study_before.generation,
+    )
+    # ... and the running node settles it by itself (housekeeping), as training data
+    wait_until(
+        lambda: [r.state for r in FeedbackInbox(node.db).records()] == ["accepted"],
+        30,
+        "the correction settled by the node",
     )
     # And `dicomnode feedback list` shows it, accepted, with where it came from
     config = tmp_path / "node.toml"
