@@ -33,6 +33,8 @@ from dicomnode.inference.preprocess import (
     apply_intensity,
     prepare_labels,
     prepare_slices,
+    resampled_shape,
+    resize_bilinear,
     stack_context,
 )
 
@@ -217,14 +219,27 @@ def load_cases(
     return [load_case(r, labels) for r in refs]
 
 
-def prepare_case(case: Case, spec: Preprocessing) -> PreparedCase:
-    """Apply the bundle preprocessing (the runtime's own functions) to image and labels."""
+def soft_labels(
+    mask: npt.ArrayLike, pixel_spacing: tuple[float, float], spec: Preprocessing
+) -> npt.NDArray[np.float32]:
+    """A binary (N, H, W) mask resampled exactly as :func:`prepare_slices` resamples the
+    image, but not thresholded: each model pixel holds the part of it the label covers
+    (0..1), the same linear map the lesion's contrast goes through in the image."""
+    arr = np.asarray(mask, dtype=np.float32)
+    rows, cols = resampled_shape((int(arr.shape[1]), int(arr.shape[2])), pixel_spacing, spec)
+    m = spec.pad_multiple
+    out = np.zeros((arr.shape[0], -(-rows // m) * m, -(-cols // m) * m), dtype=np.float32)
+    out[:, :rows, :cols] = resize_bilinear(arr, (rows, cols))
+    return out
+
+
+def prepare_case(case: Case, spec: Preprocessing, *, soft: bool = False) -> PreparedCase:
+    """Apply the bundle preprocessing (the runtime's own functions) to image and labels;
+    ``soft`` keeps the resampled labels' partial coverage (:func:`soft_labels`)."""
     image, _ = prepare_slices(case.hu, case.pixel_spacing, spec)
+    resample = soft_labels if soft else prepare_labels
     label = np.stack(
-        [
-            prepare_labels(case.mask[..., c], case.pixel_spacing, spec)
-            for c in range(case.mask.shape[-1])
-        ],
+        [resample(case.mask[..., c], case.pixel_spacing, spec) for c in range(case.mask.shape[-1])],
         axis=-1,
     )
     target = spec.target_spacing_mm or case.pixel_spacing[0]
@@ -259,6 +274,27 @@ def _crop(arr: npt.NDArray[Any], top: int, left: int, size: int, fill: float) ->
     return out
 
 
+def lesion_voxels(
+    cases: Sequence[PreparedCase],
+) -> list[tuple[int, npt.NDArray[np.intp]]]:
+    """(case index, (n, 3) voxel coordinates) of each connected labelled region (26-connected,
+    any label, label >= 0.5), in case order."""
+    from dicomnode.models.metrics import label_components
+
+    out = []
+    for ci, case in enumerate(cases):
+        labels, n = label_components(case.label.max(axis=-1) >= 0.5)
+        if not n:
+            continue
+        flat = labels.ravel()
+        order = np.argsort(flat, kind="stable")
+        starts = np.searchsorted(flat[order], np.arange(1, n + 2))
+        for i in range(n):
+            idx = order[starts[i] : starts[i + 1]]
+            out.append((ci, np.stack(np.unravel_index(idx, labels.shape), axis=-1)))
+    return out
+
+
 class PatchSampler:
     """Draws (image patch, target) pairs from prepared cases with positive oversampling.
 
@@ -279,6 +315,7 @@ class PatchSampler:
         positive_fraction: float,
         min_area_mm2: float,
         fill: float,
+        positive_sampling: str = "voxel",
     ) -> None:
         self.cases = list(cases)
         self.task = task
@@ -288,8 +325,11 @@ class PatchSampler:
         self.positive_fraction = positive_fraction
         self.fill = fill
         self.min_area_px = [min_area_mm2 / c.target_spacing_mm**2 for c in self.cases]
-        self.positives = [np.argwhere(c.label.max(axis=-1) > 0) for c in self.cases]
+        self.positives = [np.argwhere(c.label.max(axis=-1) >= 0.5) for c in self.cases]
         self.with_positives = [i for i, p in enumerate(self.positives) if len(p)]
+        self.by_lesion = positive_sampling == "lesion"
+        #: (case index, voxel coordinates) of every connected lesion, for "lesion" sampling
+        self.lesions = lesion_voxels(self.cases) if self.by_lesion else []
         self.labels = self.cases[0].label.shape[-1]
 
     def _patch(self, ci: int, k: int, top: int, left: int) -> tuple[npt.NDArray[np.float32], ...]:
@@ -304,8 +344,12 @@ class PatchSampler:
     def sample(self, rng: np.random.Generator) -> tuple[npt.NDArray[np.float32], ...]:
         while True:
             if self.with_positives and rng.uniform() < self.positive_fraction:
-                ci = int(rng.choice(self.with_positives))
-                k, r, c = self.positives[ci][rng.integers(len(self.positives[ci]))]
+                if self.by_lesion:
+                    ci, voxels = self.lesions[int(rng.integers(len(self.lesions)))]
+                    k, r, c = voxels[rng.integers(len(voxels))]
+                else:
+                    ci = int(rng.choice(self.with_positives))
+                    k, r, c = self.positives[ci][rng.integers(len(self.positives[ci]))]
                 jitter = rng.integers(-self.size // 4, self.size // 4 + 1, size=2)
                 top, left = r - self.size // 2 + jitter[0], c - self.size // 2 + jitter[1]
                 if self.whole_slices:
@@ -373,7 +417,8 @@ def augment(x: Any, y: Any, seed: Any, *, task: str, data: Any, fill: float) -> 
         both = rotated + shift
     if seg:
         x, y = both[..., :channels], both[..., channels:]
-        y = tf.cast(y >= 0.5, tf.float32)
+        if not data.soft_labels:
+            y = tf.cast(y >= 0.5, tf.float32)
     else:
         x = both
     if data.intensity_jitter > 0:

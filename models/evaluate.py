@@ -5,10 +5,12 @@ The model runs the way the node runs it: ``prepare_slices`` -> model -> ``restor
 either a Keras checkpoint (``KerasPredictor``, needs TensorFlow) or a bundle
 (``OnnxPredictor``, ONNX Runtime only), so shipped bundles are checked as shipped.
 
-Segmentation: Dice and IoU per case, lesion-level sensitivity, precision and Dice per
-equivalent-radius bucket (see :mod:`dicomnode.models.metrics`).  Classification: per-slice
-"label present" (slices whose labelled area is below ``min_area_mm2`` but not zero are
-ambiguous and left out) and per-study (any slice; aggregation max) metrics with ROC-AUC.
+Segmentation: Dice and IoU per case; lesion-level sensitivity, precision, F1, Dice and
+volume error per equivalent-radius bucket (see :mod:`dicomnode.models.metrics`); and, from
+each slice's highest probability, the model as a slice detector (ROC, confusion matrix).
+Classification: per-slice "label present" (slices whose labelled area is below
+``min_area_mm2`` but not zero are ambiguous and left out) and per-study (any slice;
+aggregation max) metrics with ROC-AUC.
 """
 
 from __future__ import annotations
@@ -95,56 +97,75 @@ def predict_case(predictor: Predictor, case: Case, spec: EvalSpec) -> npt.NDArra
 
 def evaluate_segmentation(
     predictor: Predictor, cases: Sequence[Case], spec: EvalSpec
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Case, Any]]]:
-    """(summary, per-case rows, (case, prediction) pairs for the overlay plot)."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[Case, Any]], dict[str, Any]]:
+    """(summary, per-case rows, (case, prediction) pairs for the overlay plot, slice
+    labels and scores per label for the ROC plot)."""
     rows: list[dict[str, Any]] = []
     examples: list[tuple[Case, Any]] = []
     per_label: dict[str, list[m.LesionMatch]] = {lb.name: [] for lb in spec.labels}
-    counts = {lb.name: [0, 0] for lb in spec.labels}  # predicted, false positive components
+    fp_radii: dict[str, list[float]] = {lb.name: [] for lb in spec.labels}
+    n_predicted = {lb.name: 0 for lb in spec.labels}
+    slices: dict[str, tuple[list[Any], list[Any]]] = {lb.name: ([], []) for lb in spec.labels}
     for case in cases:
         prob = predict_case(predictor, case, spec)
         min_voxels = spec.min_component_volume_mm3 / case.voxel_volume_mm3
+        area = case.slice_areas_mm2()
         row: dict[str, Any] = {"case": case.case_id}
         pred_all = np.zeros(prob.shape, bool)
         for c, label in enumerate(spec.labels):
             pred = m.remove_small_components(prob[..., c] >= label.threshold, min_voxels)
             pred_all[..., c] = pred
             truth = case.mask[..., c]
-            matches, n_pred, n_fp = m.match_lesions(pred, truth, case.voxel_volume_mm3)
+            matches, n_pred, fps = m.match_components(pred, truth, case.voxel_volume_mm3)
             per_label[label.name].extend(matches)
-            counts[label.name][0] += n_pred
-            counts[label.name][1] += n_fp
+            n_predicted[label.name] += n_pred
+            fp_radii[label.name].extend(fps)
+            keep = ~((area[:, c] > 0) & (area[:, c] < spec.min_area_mm2))
+            slices[label.name][0].append(area[keep, c] > 0)
+            slices[label.name][1].append(prob[keep, ..., c].max(axis=(1, 2)))
             row[label.name] = {
                 "dice": m.dice(pred, truth),
                 "iou": m.iou(pred, truth),
                 "lesions": len(matches),
                 "detected": sum(x.detected for x in matches),
-                "false_positive_components": n_fp,
+                "false_positive_components": len(fps),
                 "lesion_radius_mm": [round(x.radius_mm, 2) for x in matches],
                 "lesion_dice": [round(x.dice, 4) for x in matches],
+                "lesion_volume_error": [round(x.volume_error, 4) for x in matches],
             }
         rows.append(row)
         if len(examples) < 4 and case.mask.any():
             examples.append((case, pred_all))
     summary: dict[str, Any] = {"cases": len(cases), "labels": {}}
+    raw: dict[str, Any] = {}
     for label in spec.labels:
         dices = [r[label.name]["dice"] for r in rows]
         ious = [r[label.name]["iou"] for r in rows]
-        lesion = m.summarise_lesions(per_label[label.name], *counts[label.name])
+        fps = fp_radii[label.name]
+        lesion = m.summarise_lesions(per_label[label.name], n_predicted[label.name], len(fps), fps)
+        y, s = (np.concatenate(v) for v in slices[label.name])
         summary["labels"][label.name] = {
             "case_dice_mean": float(np.mean(dices)),
             "case_dice_median": float(np.median(dices)),
             "case_iou_mean": float(np.mean(ious)),
             **lesion,
+            # "label present" per slice from the highest probability of the slice: the
+            # ROC and confusion matrix of the model as a slice detector
+            "slice": m.classification_metrics(y, s, label.threshold),
         }
+        raw[label.name] = (y, s)
     first = summary["labels"][spec.labels[0].name]
+    small = first["by_radius"]["3_to_5mm"]
     summary["headline"] = {
         "lesion_dice_radius_ge_5mm": first["by_radius"]["ge_5mm"]["dice_mean"],
         "lesion_sensitivity_radius_ge_5mm": first["by_radius"]["ge_5mm"]["sensitivity"],
+        "lesion_dice_min_radius_3_to_5mm": small["dice_min"],
+        "lesion_volume_error_abs_max_radius_3_to_5mm": small["volume_error_abs_max"],
+        "lesion_sensitivity_radius_3_to_5mm": small["sensitivity"],
         "case_dice_mean": first["case_dice_mean"],
         "lesion_precision": first["lesion_precision"],
     }
-    return summary, rows, examples
+    return summary, rows, examples, raw
 
 
 def evaluate_classification(
@@ -195,7 +216,7 @@ def evaluate(
     from dicomnode.models import plots
 
     if spec.task == "segmentation":
-        summary, rows, examples = evaluate_segmentation(predictor, cases, spec)
+        summary, rows, examples, raw = evaluate_segmentation(predictor, cases, spec)
     else:
         summary, rows, raw = evaluate_classification(predictor, cases, spec)
     result = {"task": spec.task, "summary": summary, "cases": rows}
@@ -205,10 +226,9 @@ def evaluate(
         if spec.task == "segmentation":
             plots.plot_overlays(examples, out / "overlays.png")
             plots.plot_dice_by_radius(summary, out / "lesion_dice_by_radius.png")
-        else:
-            for name, (y, s) in raw.items():
-                metrics = summary["labels"][name]["slice"]
-                plots.plot_roc(y, s, metrics["roc_auc"], out / f"roc_{name}.png")
-                plots.plot_confusion(metrics["confusion_matrix"], out / f"confusion_{name}.png")
+        for name, (y, s) in raw.items():
+            metrics = summary["labels"][name]["slice"]
+            plots.plot_roc(y, s, metrics["roc_auc"], out / f"roc_{name}.png")
+            plots.plot_confusion(metrics["confusion_matrix"], out / f"confusion_{name}.png")
         log.info("evaluation written to %s", out)
     return result

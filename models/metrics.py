@@ -2,8 +2,9 @@
 
 Segmentation: Dice and IoU of a case, connected components (26-connected in 3D), and
 lesion-level matching -- a ground-truth lesion is detected when any predicted component
-overlaps it; its lesion Dice is computed against the union of the predicted components
-that overlap it; a predicted component overlapping no lesion is a false positive.
+overlaps it; its lesion Dice and volume error are computed against the union of the
+predicted components that overlap it; a predicted component overlapping no lesion is a
+false positive, counted in the radius bucket of its own size.
 Classification: accuracy, precision, recall, specificity, F1, confusion matrix, ROC curve
 and ROC-AUC (the Mann-Whitney statistic, ties counted one half).
 """
@@ -19,11 +20,19 @@ import numpy.typing as npt
 
 BoolArray = npt.NDArray[np.bool_]
 
-#: Equivalent-sphere radius buckets (mm) for lesion-level reporting.
+#: Equivalent-sphere radius buckets (mm) for lesion-level reporting, disjoint (plotted).
 RADIUS_BUCKETS: tuple[tuple[str, float, float], ...] = (
-    ("lt_5mm", 0.0, 5.0),
+    ("lt_3mm", 0.0, 3.0),
+    ("3_to_4mm", 3.0, 4.0),
+    ("4_to_5mm", 4.0, 5.0),
     ("5_to_10mm", 5.0, 10.0),
     ("ge_10mm", 10.0, math.inf),
+)
+#: Unions of those, reported beside them.
+RADIUS_GROUPS: tuple[tuple[str, float, float], ...] = (
+    ("lt_5mm", 0.0, 5.0),
+    ("3_to_5mm", 3.0, 5.0),
+    ("ge_5mm", 5.0, math.inf),
 )
 
 
@@ -103,6 +112,11 @@ def remove_small_components(mask: npt.ArrayLike, min_voxels: float) -> BoolArray
     return keep[labels]
 
 
+def equivalent_radius_mm(voxels: int, voxel_volume_mm3: float) -> float:
+    """Radius of the sphere with the volume of ``voxels`` voxels."""
+    return float((3.0 * voxels * voxel_volume_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0))
+
+
 @dataclass(frozen=True)
 class LesionMatch:
     """One ground-truth lesion and how the prediction found it."""
@@ -111,15 +125,32 @@ class LesionMatch:
     radius_mm: float  # radius of the sphere with the lesion's volume
     detected: bool
     dice: float
+    #: voxels of the predicted components that overlap the lesion (0 when missed)
+    predicted_voxels: int = 0
+
+    @property
+    def volume_error(self) -> float:
+        """Predicted over true volume, minus 1 (-1.0 when missed)."""
+        return self.predicted_voxels / self.voxels - 1.0
 
 
 def match_lesions(
     pred: npt.ArrayLike, truth: npt.ArrayLike, voxel_volume_mm3: float
 ) -> tuple[list[LesionMatch], int, int]:
     """Lesion-level matching: (matches per true lesion, predicted components, false positives)."""
+    matches, n_pred, fp_radii = match_components(pred, truth, voxel_volume_mm3)
+    return matches, n_pred, len(fp_radii)
+
+
+def match_components(
+    pred: npt.ArrayLike, truth: npt.ArrayLike, voxel_volume_mm3: float
+) -> tuple[list[LesionMatch], int, list[float]]:
+    """(matches per true lesion, predicted components, equivalent radius of each false
+    positive component in mm)."""
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)
     t_labels, n_t = label_components(t)
     p_labels, n_p = label_components(p)
+    p_sizes = np.bincount(p_labels.ravel(), minlength=n_p + 1)
     matches = []
     hit_pred: set[int] = set()
     for i in range(1, n_t + 1):
@@ -129,31 +160,83 @@ def match_lesions(
         hit_pred.update(int(j) for j in touching)
         found = np.isin(p_labels, touching) if touching.size else np.zeros_like(lesion)
         voxels = int(lesion.sum())
-        radius = (3.0 * voxels * voxel_volume_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)
-        matches.append(LesionMatch(voxels, radius, bool(touching.size), dice(found, lesion)))
-    return matches, n_p, n_p - len(hit_pred)
+        matches.append(
+            LesionMatch(
+                voxels,
+                equivalent_radius_mm(voxels, voxel_volume_mm3),
+                bool(touching.size),
+                dice(found, lesion),
+                int(p_sizes[touching].sum()),
+            )
+        )
+    fp_radii = [
+        equivalent_radius_mm(int(p_sizes[j]), voxel_volume_mm3)
+        for j in range(1, n_p + 1)
+        if j not in hit_pred
+    ]
+    return matches, n_p, fp_radii
 
 
-def summarise_lesions(matches: list[LesionMatch], n_pred: int, n_fp: int) -> dict[str, Any]:
-    """Sensitivity, precision and lesion Dice per radius bucket."""
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None or precision + recall == 0:
+        return None
+    return 2 * precision * recall / (precision + recall)
+
+
+def summarise_bucket(matches: list[LesionMatch], false_positives: int) -> dict[str, Any]:
+    """Lesion-level figures of one radius bucket: sensitivity, precision (detected lesions
+    against those plus the false-positive components of the bucket's size), F1, lesion Dice
+    and volume error (predicted / true volume - 1; a missed lesion counts -1)."""
+    detected = sum(m.detected for m in matches)
+    dices = [m.dice for m in matches]
+    errors = [m.volume_error for m in matches]
+    sensitivity = _ratio(detected, len(matches))
+    precision = _ratio(detected, detected + false_positives)
+    return {
+        "lesions": len(matches),
+        "detected": detected,
+        "false_positive_components": false_positives,
+        "sensitivity": sensitivity,
+        "precision": precision,
+        "f1": _f1(precision, sensitivity),
+        "dice_mean": float(np.mean(dices)) if dices else None,
+        "dice_median": float(np.median(dices)) if dices else None,
+        "dice_min": float(np.min(dices)) if dices else None,
+        "volume_error_mean": float(np.mean(errors)) if errors else None,
+        "volume_error_min": float(np.min(errors)) if errors else None,
+        "volume_error_max": float(np.max(errors)) if errors else None,
+        "volume_error_abs_max": float(np.max(np.abs(errors))) if errors else None,
+    }
+
+
+def summarise_lesions(
+    matches: list[LesionMatch],
+    n_pred: int,
+    n_fp: int,
+    false_positive_radii: list[float] | None = None,
+) -> dict[str, Any]:
+    """Sensitivity, precision, F1, lesion Dice and volume error, overall and per radius
+    bucket (:data:`RADIUS_BUCKETS` and :data:`RADIUS_GROUPS`).  Without
+    ``false_positive_radii`` every false positive counts in every bucket."""
+    sensitivity = _ratio(sum(m.detected for m in matches), len(matches))
+    precision = _ratio(n_pred - n_fp, n_pred)
     out: dict[str, Any] = {
         "lesions": len(matches),
         "predicted_components": n_pred,
         "false_positive_components": n_fp,
-        "lesion_sensitivity": _ratio(sum(m.detected for m in matches), len(matches)),
-        "lesion_precision": _ratio(n_pred - n_fp, n_pred),
+        "lesion_sensitivity": sensitivity,
+        "lesion_precision": precision,
+        "lesion_f1": _f1(precision, sensitivity),
     }
     buckets: dict[str, Any] = {}
-    for name, lo, hi in (*RADIUS_BUCKETS, ("ge_5mm", 5.0, math.inf)):
+    for name, lo, hi in (*RADIUS_BUCKETS, *RADIUS_GROUPS):
         sel = [m for m in matches if lo <= m.radius_mm < hi]
-        dices = [m.dice for m in sel]
-        buckets[name] = {
-            "lesions": len(sel),
-            "sensitivity": _ratio(sum(m.detected for m in sel), len(sel)),
-            "dice_mean": float(np.mean(dices)) if dices else None,
-            "dice_median": float(np.median(dices)) if dices else None,
-            "dice_min": float(np.min(dices)) if dices else None,
-        }
+        fps = (
+            n_fp
+            if false_positive_radii is None
+            else sum(lo <= r < hi for r in false_positive_radii)
+        )
+        buckets[name] = summarise_bucket(sel, fps)
     out["by_radius"] = buckets
     return out
 
@@ -211,11 +294,7 @@ def classification_metrics(
     fn = int(np.sum(~p & y))
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
-    f1 = (
-        None
-        if precision is None or recall is None or precision + recall == 0
-        else 2 * precision * recall / (precision + recall)
-    )
+    f1 = _f1(precision, recall)
     return {
         "n": int(y.size),
         "positives": int(y.sum()),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dicomnode.models.metrics import roc_curve
+from dicomnode.models.metrics import RADIUS_BUCKETS, roc_curve
 
 
 def _pyplot() -> Any:
@@ -90,7 +90,8 @@ def plot_dice_by_radius(summary: dict[str, Any], path: Path) -> None:
     """Mean lesion Dice and sensitivity per equivalent-radius bucket."""
     plt = _pyplot()
     label = next(iter(summary["labels"].values()))
-    buckets = {k: v for k, v in label["by_radius"].items() if k != "ge_5mm"}
+    disjoint = {name for name, _, _ in RADIUS_BUCKETS}
+    buckets = {k: v for k, v in label["by_radius"].items() if k in disjoint}
     names = list(buckets)
     dice = [buckets[k]["dice_mean"] or 0.0 for k in names]
     sens = [buckets[k]["sensitivity"] or 0.0 for k in names]

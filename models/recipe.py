@@ -70,6 +70,14 @@ class DataSpec:
     rotation_deg: Annotated[float, Field(ge=0)] = 10.0
     intensity_jitter: Annotated[float, Field(ge=0)] = 0.05
     noise_std: Annotated[float, Field(ge=0)] = 0.0
+    #: train segmentation on the label resampled like the image, not thresholded: the
+    #: fraction of a model pixel the label covers, so the output's 0.5 level lies where the
+    #: edge lies within the pixel (sub-pixel edges after ``restore_slices``)
+    soft_labels: bool = False
+    #: where positive patches are centred: on a labelled voxel drawn uniformly ("voxel",
+    #: large lesions dominate) or on a voxel of a lesion drawn uniformly ("lesion": every
+    #: connected lesion as often, small ones included)
+    positive_sampling: Literal["voxel", "lesion"] = "voxel"
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -78,7 +86,8 @@ class TrainingSpec:
     epochs: Annotated[int, Field(ge=1)] = 30
     steps_per_epoch: Annotated[int, Field(ge=1)] = 50
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
-    loss: Literal["bce", "dice_bce"] = "bce"
+    #: ``lesion_weighted_bce``: BCE weighing pixels near a lesion more (models/losses.py)
+    loss: Literal["bce", "dice_bce", "lesion_weighted_bce"] = "bce"
     early_stopping_patience: Annotated[int, Field(ge=1)] = 5
     min_delta: Annotated[float, Field(ge=0)] = 1e-4
 

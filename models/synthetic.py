@@ -56,6 +56,40 @@ class SyntheticConfig:
     orientations: tuple[str, ...] = ORIENTATIONS
 
 
+#: Held-out small lesions (issue 12 item 5): radius 3-5 mm at 0.6 mm pixels and 1.25 mm
+#: slices, 2-4 lesions per case, every case positive.
+SMALL_LESION_CONFIG = SyntheticConfig(
+    negative_fraction=0.0,
+    lesions_per_case=(2, 4),
+    lesion_radius_mm=(3.0, 5.0),
+    pixel_spacing_mm=(0.6, 0.6),
+    field_of_view_mm=(330.0, 330.0),
+    slice_thickness_mm=(1.25, 1.25),
+    slab_mm=(45.0, 55.0),
+    max_matrix=560,
+)
+
+#: Fine-grid training cases: pixels of 0.5-0.9 mm, thin slices, mostly small lesions.
+FINE_GRID_CONFIG = SyntheticConfig(
+    negative_fraction=0.1,
+    lesions_per_case=(2, 5),
+    lesion_radius_mm=(2.5, 8.0),
+    pixel_spacing_mm=(0.5, 0.9),
+    field_of_view_mm=(330.0, 380.0),
+    slice_thickness_mm=(1.0, 2.0),
+    slab_mm=(40.0, 60.0),
+    max_slices=40,
+    max_matrix=640,
+)
+
+#: Named configurations for ``dicomnode synth``-like scripts and the tests.
+PRESETS: dict[str, SyntheticConfig] = {
+    "default": SyntheticConfig(),
+    "small-lesions": SMALL_LESION_CONFIG,
+    "fine-grid": FINE_GRID_CONFIG,
+}
+
+
 def draw_spec(index: int, seed: int, config: SyntheticConfig) -> PhantomSpec:
     """The phantom spec of case ``index`` (deterministic in ``seed`` and ``index``)."""
     rng = np.random.default_rng([seed, index, 17])

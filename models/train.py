@@ -89,7 +89,10 @@ def eval_spec(recipe: Recipe) -> EvalSpec:
 def _compile(model: keras.Model, recipe: Recipe) -> None:
     t = recipe.training
     if recipe.task == "segmentation":
-        loss: Any = dice_bce_loss if t.loss == "dice_bce" else "binary_crossentropy"
+        from dicomnode.models.losses import lesion_weighted_bce
+
+        losses = {"dice_bce": dice_bce_loss, "lesion_weighted_bce": lesion_weighted_bce}
+        loss: Any = losses.get(t.loss, "binary_crossentropy")
         metrics: list[Any] = [hard_dice]
     else:
         loss = "binary_crossentropy"
@@ -203,7 +206,7 @@ def train(
     cases = [c for folder in folders for c in load_cases(folder, recipe.labels)][:max_cases]
     train_idx, val_idx = split_cases(len(cases), recipe.data.validation_fraction, t.seed)
     spec = recipe.preprocessing
-    prepared = [prepare_case(c, spec) for c in cases]
+    prepared = [prepare_case(c, spec, soft=recipe.data.soft_labels) for c in cases]
     fill = fill_value(spec)
     sampler = PatchSampler(
         [prepared[i] for i in train_idx],
@@ -213,6 +216,7 @@ def train(
         positive_fraction=recipe.data.positive_fraction,
         min_area_mm2=recipe.data.min_positive_area_mm2,
         fill=fill,
+        positive_sampling=recipe.data.positive_sampling,
     )
     train_ds = training_dataset(sampler, recipe, t.seed)
     val_x, val_y = validation_arrays(

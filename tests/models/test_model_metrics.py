@@ -86,3 +86,40 @@ def test_classification_metrics_confusion_matrix() -> None:
     assert r["accuracy"] == 0.75 and r["precision"] == 0.75 and r["recall"] == 0.75
     assert r["f1"] == pytest.approx(0.75) and r["specificity"] == 0.75
     assert r["roc_auc"] == pytest.approx(14 / 16)
+
+
+def test_volume_error_and_per_bucket_precision_f1() -> None:
+    # Given a lesion of 27 voxels found with 9 too many, one of 8 voxels (r 4.96 mm) found
+    # exactly, and two false positives: 1 voxel (r 2.48 mm) and 27 voxels (r 7.44 mm)
+    truth = np.zeros((12, 20, 20), bool)
+    truth[2:5, 2:5, 2:5] = True
+    truth[8:10, 12:14, 12:14] = True
+    pred = truth.copy()
+    pred[5, 2:5, 2:5] = True  # +9 voxels on the big lesion
+    pred[0, 18, 18] = True
+    pred[7:10, 1:4, 16:19] = True
+    # When they are matched and summarised
+    matches, n_pred, fp_radii = m.match_components(pred, truth, voxel_volume_mm3=64.0)
+    summary = m.summarise_lesions(matches, n_pred, len(fp_radii), fp_radii)
+    # Then each lesion has its volume error and each false positive its own size bucket
+    assert [x.predicted_voxels for x in matches] == [36, 8]
+    assert [x.volume_error for x in matches] == pytest.approx([1 / 3, 0.0])
+    radius = [(3 * n * 64 / (4 * math.pi)) ** (1 / 3) for n in (1, 27)]
+    assert sorted(fp_radii) == pytest.approx(radius)
+    b = summary["by_radius"]
+    assert b["5_to_10mm"]["precision"] == 0.5 and b["5_to_10mm"]["f1"] == pytest.approx(2 / 3)
+    assert b["5_to_10mm"]["volume_error_abs_max"] == pytest.approx(1 / 3)
+    assert b["4_to_5mm"]["precision"] == 1.0 and b["4_to_5mm"]["volume_error_max"] == 0.0
+    assert b["lt_3mm"]["lesions"] == 0 and b["lt_3mm"]["precision"] == 0.0
+    assert b["lt_3mm"]["sensitivity"] is None and b["lt_3mm"]["f1"] is None
+    assert b["3_to_5mm"]["lesions"] == b["lt_5mm"]["lesions"] == 1
+    assert summary["lesion_precision"] == 0.5 and summary["lesion_f1"] == pytest.approx(2 / 3)
+
+
+def test_a_missed_lesion_counts_minus_one_volume_error() -> None:
+    truth = np.zeros((4, 8, 8), bool)
+    truth[1:3, 1:3, 1:3] = True
+    matches, _, _ = m.match_components(np.zeros_like(truth), truth, voxel_volume_mm3=1.0)
+    assert matches[0].volume_error == -1.0
+    bucket = m.summarise_bucket(matches, 0)
+    assert bucket["sensitivity"] == 0.0 and bucket["volume_error_abs_max"] == 1.0

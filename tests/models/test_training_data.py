@@ -83,3 +83,53 @@ def test_mask_lands_on_the_volume_grid_for_any_orientation(
         uids = [str(ds.SOPInstanceUID) for ds in phantom.datasets]
         direct = read_label_mask(ref.seg_path, uids, LABELS)
         np.testing.assert_array_equal(direct[..., 0], phantom.mask)
+
+
+def test_soft_labels_hold_partial_coverage_and_threshold_to_the_hard_ones() -> None:
+    # Given a disc of radius 7 px on a 0.6 mm grid, resampled to 1.4 mm
+    import dataclasses
+
+    from dicomnode.inference.preprocess import prepare_labels
+    from dicomnode.models.data import soft_labels
+
+    spec = dataclasses.replace(load_recipe("lesion_seg").preprocessing, target_spacing_mm=1.4)
+    yy, xx = np.mgrid[:64, :64]
+    mask = ((yy - 30.3) ** 2 + (xx - 33.6) ** 2 <= 7.0**2)[None]
+    # when the labels are made soft and hard
+    soft = soft_labels(mask, (0.6, 0.6), spec)
+    hard = prepare_labels(mask, (0.6, 0.6), spec)
+    # then the soft label lies in 0..1 with partial values on the edge, and is the hard one
+    # before its threshold
+    assert soft.shape == hard.shape and soft.min() >= 0.0 and soft.max() <= 1.0
+    assert np.sum((soft > 0.05) & (soft < 0.95)) >= 8
+    np.testing.assert_array_equal(soft >= 0.5, hard > 0)
+
+
+def test_lesion_sampling_centres_small_lesions_as_often_as_large_ones() -> None:
+    # Given one case with a large lesion (1200 voxels) and a tiny one (4 voxels) far apart
+    from dicomnode.models.data import PatchSampler, PreparedCase, lesion_voxels
+
+    label = np.zeros((3, 96, 96, 1), np.float32)
+    label[:, 5:25, 5:25] = 1.0
+    label[1, 80:82, 80:82] = 1.0
+    case = PreparedCase("c", np.zeros((3, 96, 96), np.float32), label, 1.0)
+    assert [len(v) for _, v in lesion_voxels([case])] == [1200, 4]
+
+    def tiny_share(mode: str) -> float:
+        sampler = PatchSampler(
+            [case],
+            task="segmentation",
+            patch_size=16,
+            context=1,
+            positive_fraction=1.0,
+            min_area_mm2=0.0,
+            fill=0.0,
+            positive_sampling=mode,
+        )
+        rng = np.random.default_rng(5)
+        draws = [sampler.sample(rng)[1] for _ in range(400)]
+        return float(np.mean([y.sum() in (1.0, 2.0, 4.0) for y in draws]))
+
+    # when patches are centred by voxel or by lesion, then only "lesion" finds the tiny one
+    assert tiny_share("voxel") < 0.05
+    assert 0.35 < tiny_share("lesion") < 0.65
