@@ -273,12 +273,25 @@ def synthetic_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--negative-fraction",
         type=float,
-        default=0.2,
-        help="fraction of cases without lesions (default 0.2)",
+        default=None,
+        help="fraction of cases without lesions (default: the preset's, 0.2 for default)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("default", "small-lesions", "fine-grid"),
+        default="default",
+        help="ranges the cases are drawn from: default (0.8-1.8 mm pixels, lesions of "
+        "2.5-15 mm), small-lesions (0.6 mm pixels, 1.25 mm slices, lesions of 3-5 mm), "
+        "fine-grid (0.5-0.9 mm pixels, lesions of 2.5-8 mm)",
     )
     args = parser.parse_args(argv)
-    from dicomnode.models.synthetic import SyntheticConfig, write_dataset
+    from dataclasses import replace
+
+    from dicomnode.models.synthetic import PRESETS, write_dataset
 
     _logging()
-    write_dataset(args.out, args.cases, args.seed, SyntheticConfig(args.negative_fraction))
+    config = PRESETS[args.preset]
+    if args.negative_fraction is not None:
+        config = replace(config, negative_fraction=args.negative_fraction)
+    write_dataset(args.out, args.cases, args.seed, config)
     return 0

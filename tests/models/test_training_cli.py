@@ -38,3 +38,21 @@ def test_missing_train_extra_names_the_extra(
             if main is cli.train_main
             else [str(tmp_path), "--out", str(tmp_path)]
         )
+
+
+def test_synth_preset_small_lesions(tmp_path: object) -> None:
+    # Given the small-lesion preset (held-out data of issue 12 item 5)
+    import json
+    from pathlib import Path
+
+    from dicomnode.models.synthetic import PRESETS, draw_spec
+
+    out = Path(str(tmp_path)) / "small"
+    # when the CLI writes a data set with it (no cases: only the manifest)
+    assert cli.synthetic_main(["--out", str(out), "--cases", "0", "--preset", "small-lesions"]) == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    # then the ranges are the preset's, and its cases are 0.6 mm / 1.25 mm with 3-5 mm lesions
+    assert config["pixel_spacing_mm"] == [0.6, 0.6] and config["negative_fraction"] == 0.0
+    spec = draw_spec(0, 3, PRESETS["small-lesions"])
+    assert spec.pixel_spacing == (0.6, 0.6) and spec.slice_thickness == 1.25
+    assert spec.lesion_radius_mm == (3.0, 5.0) and spec.n_lesions >= 2
