@@ -9,9 +9,10 @@ is converted ``--repeat`` times by each backend, each run into a fresh output fo
 
 and prints studies per minute (min / median / max over the repeats; a run's time includes
 starting its workers and loading the models, as a user waits for it), Ray's overhead as
-the ratio local / Ray of each repeat's time (>1: Ray is slower), the per-study cost that
-sizing needs (worker-seconds per study: run time x workers / studies), and the memory of
-each worker (resident set at the end of a run, and its peak).  Every Ray run's results are
+the ratio Ray / local of each repeat's time (>1: Ray is slower), the per-study cost that
+sizing needs (CPU seconds of all the workers per study: it does not depend on what else
+the machine runs, as run times do), and the memory of each worker (resident set at the
+end of a run, and its peak).  Every Ray run's results are
 checked against the local run's (the same files, but for the clock-stamped elements).
 
 The pipeline is the embedded default one (the shipped lesion models on the CPU) unless
@@ -58,6 +59,8 @@ def reexec_in_namespace() -> None:
 @dataclass
 class Runs:
     seconds: list[float] = field(default_factory=list)
+    #: CPU seconds of all the workers of a run, per study.
+    cpu_per_study: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
 
@@ -70,24 +73,29 @@ def write_studies(root: Path, count: int, size: int, slices: int) -> None:
         write_phantom(generate_phantom(spec), root / f"study{i:03d}")
 
 
-def process_memory(pid: int) -> tuple[float, float]:
-    """(resident, peak resident) MiB of a process, from /proc."""
+def process_usage(pid: int) -> tuple[float, float, float]:
+    """(resident MiB, peak resident MiB, CPU seconds) of a process, from /proc."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024, cpu
 
 
-def children(pid: int) -> list[int]:
+def pool_processes(pid: int) -> list[int]:
+    """The process pool's workers: children of ``pid`` started by multiprocessing."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
+            if parent == pid and b"multiprocessing" in command:
+                found.append(int(entry.name))
     return found
 
 
@@ -101,11 +109,11 @@ def run_local(
     try:
         summary = run_batch(config, studies, out, progress=False, runner=runner)
         seconds = time.perf_counter() - started
-        memory = [process_memory(pid) for pid in children(os.getpid())]
+        usage = [process_usage(pid) for pid in pool_processes(os.getpid())]
     finally:
         runner.close()
     assert summary.ok and summary.done, summary.failed
-    return seconds, memory
+    return seconds, usage
 
 
 def run_ray(
@@ -124,11 +132,11 @@ def run_ray(
     try:
         summary = run_batch(config, studies, out, progress=False, runner=runner)
         seconds = time.perf_counter() - started
-        memory = [(s["rss_mb"], s["max_rss_mb"]) for s in runner.stats()]
+        usage = [(s["rss_mb"], s["max_rss_mb"], s["cpu_s"]) for s in runner.stats()]
     finally:
         runner.close()
     assert summary.ok and summary.done, summary.failed
-    return seconds, memory
+    return seconds, usage
 
 
 def same_results(expected: Path, actual: Path) -> bool:
@@ -137,7 +145,8 @@ def same_results(expected: Path, actual: Path) -> bool:
 
     try:
         assert_same_results(expected, actual)
-    except AssertionError:
+    except AssertionError as exc:
+        print(f"ERROR: {exc}")
         return False
     return True
 
@@ -187,18 +196,20 @@ def main() -> int:
                 for backend in ("local", "ray"):
                     out = root / f"{backend}-{n}-{r}"
                     run = run_local if backend == "local" else run_ray
-                    seconds, memory = run(config, studies, out, n)
+                    seconds, usage = run(config, studies, out, n)
                     runs = results.setdefault((backend, n), Runs())
                     runs.seconds.append(seconds)
-                    runs.rss_mb += [m[0] for m in memory]
-                    runs.peak_mb += [m[1] for m in memory]
+                    runs.cpu_per_study.append(sum(u[2] for u in usage) / args.studies)
+                    runs.rss_mb += [u[0] for u in usage]
+                    runs.peak_mb += [u[1] for u in usage]
                     if backend == "ray" and not same_results(root / f"local-{n}-{r}", out):
                         print(f"ERROR: ray results of {n} actor(s), repeat {r} differ from local")
                         return 1
                     print(
                         f"  {backend:5} {n} worker(s), repeat {r + 1}: {seconds:.1f} s", flush=True
                     )
-                    shutil.rmtree(out)
+                shutil.rmtree(root / f"local-{n}-{r}")
+                shutil.rmtree(root / f"ray-{n}-{r}")
         report(results, args.workers, args.studies)
         ray.shutdown()
     finally:
@@ -209,16 +220,16 @@ def main() -> int:
 def report(results: dict[tuple[str, int], Runs], workers: list[int], studies: int) -> None:
     print()
     print(
-        "workers | backend | studies/min (min / median / max) | worker-s per study (median) "
-        "| RSS per worker MiB (median, peak max)"
+        "workers | backend | studies/min (min / median / max) | worker CPU-s per study "
+        "(median) | RSS per worker MiB (median, peak max)"
     )
     for n in workers:
         for backend in ("local", "ray"):
             runs = results[(backend, n)]
             rates = [60 * studies / s for s in runs.seconds]
-            cost = statistics.median(runs.seconds) * n / studies
+            cost = statistics.median(runs.cpu_per_study)
             print(
-                f"{n:7} | {backend:7} | {spread(rates):>32} | {cost:27.2f} | "
+                f"{n:7} | {backend:7} | {spread(rates):>32} | {cost:31.2f} | "
                 f"{statistics.median(runs.rss_mb):.0f}, {max(runs.peak_mb):.0f}"
             )
     print()

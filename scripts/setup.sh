@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up dicomnode on a fresh Debian/Ubuntu machine: the DICOM peers the tests talk to
-# (dcmtk, dicom3tools, Orthanc; openssl for the TLS test CA) and a virtual environment with the project and its extras.
+# (dcmtk, dicom3tools, Orthanc; openssl for the TLS test CA; iproute2 for the Ray tests' loopback-only
+# network namespace) and a virtual environment with the project and its extras (dev, train, ray).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # dpkg, not `command -v`: pynetdicom installs its own storescu/storescp into the venv.
 need_apt=()
-for pkg in dcmtk dicom3tools orthanc openssl chromium chromium-driver; do
+for pkg in dcmtk dicom3tools orthanc openssl chromium chromium-driver iproute2; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -114,13 +114,16 @@ def placements(settings: RaySettings) -> list[Any]:
 
 
 def worker_stats() -> dict[str, Any]:
-    """Where this process runs and its memory: peak and current resident set (MiB)."""
+    """Where this process runs, its memory (peak and current resident set, MiB) and the
+    CPU time it has used (seconds)."""
     with open("/proc/self/statm") as f:
         resident_pages = int(f.read().split()[1])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         "pid": os.getpid(),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mb": usage.ru_maxrss / 1024,
         "rss_mb": resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20,
     }
 

@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from dicomnode.app.processor import JobOutcome, Processor
-from dicomnode.app.raybackend import actor_options, connect, load_pipelines, worker_stats
+from dicomnode.app.raybackend import actor_options, connect, worker_stats
 from dicomnode.app.worker import WorkerContext, work
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
@@ -101,15 +101,15 @@ class _ShippedJobs:
 
 
 class JobWorker:
-    """A study processor on the cluster for the node's jobs (model sessions loaded once),
-    working in a scratch data directory of its own."""
+    """A study processor on the cluster for the node's jobs (model sessions loaded once
+    and warmed up, as in a local worker), working in a scratch data directory of its own."""
 
     def __init__(self, config: Config) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="dicomnode-job-"))
         node = dataclasses.replace(config.node, data_dir=self.scratch)
         self.config = dataclasses.replace(config, node=node)
         self.processor = Processor(self.config)
-        load_pipelines(self.processor, self.config)
+        self.processor.warm_up()  # as a local worker: sessions open, first runs paid
 
     def process(self, job: Job, destinations: list[str], inputs: JobInputs) -> JobResults:
         for folder in self.scratch.iterdir():

@@ -39,6 +39,10 @@ RAY_ENV = {
 }
 
 
+#: Each node's object store (the default, 30% of the memory, is not needed here).
+OBJECT_STORE_BYTES = 256 * 2**20
+
+
 class RayUnavailable(RuntimeError):
     """Ray is not installed or a cluster cannot be started here."""
 
@@ -148,6 +152,7 @@ class RayCluster:
         self._log_files.append(log)
         argv = [str(VENV_BIN / "ray"), "start", "--block", *args]
         argv += ["--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
+        argv += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
         if self.namespace is None:
             argv += ["--node-ip-address", "127.0.0.1"]
         p = self.command(argv, stdout=log, stderr=subprocess.STDOUT)

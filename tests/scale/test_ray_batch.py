@@ -126,9 +126,9 @@ def test_batch_on_two_nodes_is_the_local_batch_and_resumes(
 
 def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    write_studies(tmp_path / "in", 16, PhantomSpec(rows=128, columns=128, slices=40, lesions=()))
+    write_studies(tmp_path / "in", 12, PhantomSpec(rows=128, columns=128, slices=32, lesions=()))
     local = run_batch(load_config(config), tmp_path / "in", tmp_path / "local", progress=False)
-    assert len(local.done) == 16
+    assert len(local.done) == 12
     second = two_nodes.node_ids()["second"]
     manifest, log = tmp_path / "out" / "manifest.json", tmp_path / "driver.log"
     with log.open("w") as stderr:
@@ -158,13 +158,13 @@ def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_
         finally:
             two_nodes.kill(driver)
     err = log.read_text()
-    assert finished < 16, "the node was killed after the last study"
+    assert finished < 12, "the node was killed after the last study"
     assert driver.returncode == 0, err[-3000:]
-    assert "16 done, 0 skipped" in out and "0 failed" in out
+    assert "12 done, 0 skipped" in out and "0 failed" in out
     assert "its Ray worker died" in err and "sent again" in err, "no study was in flight there"
     assert_same_results(tmp_path / "local", tmp_path / "out")
     nodes = [node for _, node in PLACED.findall(err)]
-    assert len(nodes) == 16 and second in nodes
+    assert len(nodes) == 12 and second in nodes
 
 
 def test_ray_asked_for_but_not_installed_says_how_to_install(tmp_path: Path) -> None:
