@@ -168,6 +168,30 @@ def evaluate_segmentation(
     return summary, rows, examples, raw
 
 
+def sweep_thresholds(
+    predictor: Predictor, cases: Sequence[Case], spec: EvalSpec, thresholds: Sequence[float]
+) -> dict[float, dict[str, Any]]:
+    """Lesion-level figures (:func:`dicomnode.models.metrics.summarise_lesions`) of the first
+    label at each threshold, the model run once per case: for choosing a segmentation
+    threshold on tuning cases (never on the held-out ones)."""
+    found: dict[float, list[m.LesionMatch]] = {t: [] for t in thresholds}
+    n_pred = dict.fromkeys(thresholds, 0)
+    fp_radii: dict[float, list[float]] = {t: [] for t in thresholds}
+    for case in cases:
+        prob = predict_case(predictor, case, spec)[..., 0]
+        min_voxels = spec.min_component_volume_mm3 / case.voxel_volume_mm3
+        for t in thresholds:
+            pred = m.remove_small_components(prob >= t, min_voxels)
+            matches, n, fps = m.match_components(pred, case.mask[..., 0], case.voxel_volume_mm3)
+            found[t].extend(matches)
+            n_pred[t] += n
+            fp_radii[t].extend(fps)
+    return {
+        t: m.summarise_lesions(found[t], n_pred[t], len(fp_radii[t]), fp_radii[t])
+        for t in thresholds
+    }
+
+
 def evaluate_classification(
     predictor: Predictor, cases: Sequence[Case], spec: EvalSpec
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
