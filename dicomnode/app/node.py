@@ -57,13 +57,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _ray_installed() -> bool:
+    try:
+        return find_spec("ray") is not None
+    except ValueError:  # sys.modules["ray"] is None: importing it is refused
+        return False
+
+
 class Node:
     def __init__(self, config: Config, log_format: LogFormat = "text") -> None:
         self.config = config
         self.log_format = log_format
         self.metrics = NodeMetrics()
         self.preflight = preflight(config)  # before anything is created or bound
-        if config.node.worker_backend == "ray" and find_spec("ray") is None:
+        if config.node.worker_backend == "ray" and not _ray_installed():
             raise MissingExtraError('worker_backend = "ray"', "ray")
         for warning in self.preflight.warnings:
             log.warning("%s", warning)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -204,3 +205,15 @@ def test_second_node_killed_mid_job_loses_nothing(
     assert at_kill["done"] < 10
     assert "the Ray actor running the job was lost" in node.text(), "no job ran on the node"
     assert "stopped; queued work stays" in node.text()  # SIGTERM: a graceful stop
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nworker_backend = "ray"\n')
+    script = (
+        "import sys; sys.modules['ray'] = None; from dicomnode.cli import main; "
+        f"sys.exit(main(['serve', '--config', {str(config)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "pip install 'dicomnode[ray]'" in done.stderr
