@@ -17,7 +17,8 @@ from dicomnode.errors import DicomNodeError, TransitionError
 from dicomnode.jobs.store import DONE, FAILED, QUEUED, RUNNING, SENDING, JobStore
 from dicomnode.spool.index import Index
 
-FAST = RetrySettings(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05)
+#: Back-off long enough that a busy machine cannot outlast it between two calls.
+FAST = RetrySettings(max_attempts=3, backoff_initial_s=1.0, backoff_max_s=1.0)
 
 
 class Stores:
@@ -74,7 +75,7 @@ def test_transient_errors_back_off_then_dead_letter(s: Stores) -> None:
         assert job is not None and job.attempts == attempt
         assert s.jobs.fail(job_id, "busy", transient=True) == QUEUED
         assert s.jobs.claim() is None  # backing off
-        time.sleep(0.06)
+        time.sleep(1.1)
     assert s.jobs.claim() is not None
     assert s.jobs.fail(job_id, "busy", transient=True) == FAILED
     assert "gave up after 3 attempts" in s.jobs.get(job_id).last_error
@@ -110,7 +111,7 @@ def test_transient_delivery_failure_backs_off_per_item(s: Stores, tmp_path: Path
     (item,) = s.outbox.take_due("pacs")
     assert s.outbox.delivery_failed(item.id, "refused", transient=True) == "pending"
     assert s.outbox.take_due("pacs") == []
-    time.sleep(0.03)
+    time.sleep(1.1)
     assert len(s.outbox.take_due("pacs")) == 1
 
 
@@ -172,7 +173,7 @@ def test_a_notification_waits_for_the_results_it_references(s: Stores, tmp_path:
     assert s.outbox.take_due("ris") == []  # still in flight
     s.outbox.delivery_failed(result.id, "refused", transient=True)
     assert s.outbox.take_due("ris") == []  # waiting for its retry
-    time.sleep(0.06)
+    time.sleep(1.1)
     (result,) = s.outbox.take_due("pacs")
     s.outbox.delivered(result.id, 0)
     (notification,) = s.outbox.take_due("ris")
