@@ -7,7 +7,9 @@ Every error ends in one line on stderr (``error: ...``) and a non-zero exit stat
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import tempfile
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Config, default_config_path, load_config
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import ConfigError, DicomNodeError
 
 DESCRIPTION = """\
 A DICOM node: receives studies from a PACS (C-STORE), runs the configured models on them
@@ -136,6 +138,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _timestamp(text: str) -> datetime.datetime:
+    """An ISO 8601 time (local time when it has no zone) or seconds since 1970 (UTC)."""
+    try:
+        if text.replace(".", "", 1).isdigit():
+            return datetime.datetime.fromtimestamp(float(text), datetime.UTC)
+        return datetime.datetime.fromisoformat(text)
+    except (ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} ({exc})") from exc
+
+
+def _source_date_epoch() -> datetime.datetime | None:
+    """``SOURCE_DATE_EPOCH`` (reproducible-builds.org): the time to write instead of now."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return None
+    try:
+        return _timestamp(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"SOURCE_DATE_EPOCH: {exc}") from exc
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -155,6 +178,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray=args.ray is not None,
         ray_address=args.ray or None,
+        created=args.created_at or _source_date_epoch(),
     )
     print(
         f"{len(s.done)} done, {len(s.skipped)} skipped (already done), "
@@ -602,6 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--actors", type=_positive, metavar="N", help="with --ray: actors (default [ray].actors)"
+    )
+    s.add_argument(
+        "--created-at",
+        type=_timestamp,
+        metavar="TIME",
+        help="creation time written into every output (ISO 8601, e.g. 2026-12-01T08:00:00, "
+        "or seconds since 1970), so that two runs give the same bytes; default "
+        "$SOURCE_DATE_EPOCH if set, else the clock",
     )
     s.set_defaults(func=cmd_batch)
 

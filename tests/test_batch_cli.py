@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import io
 import json
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.app.batch import RESULT_FILE, run_batch
-from dicomnode.cli import main
+from dicomnode.cli import _source_date_epoch, _timestamp, main
 from dicomnode.config import Config, FolderDestination, PipelineSettings, Route, load_config
 from dicomnode.routing.rules import parse_rule
 from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_phantom
@@ -60,6 +62,44 @@ def test_batch_converts_resumes_and_reports(config: Config, tmp_path: Path) -> N
         assert entry["classifications"][0]["label"] == "Bright present"
     again = run_batch(config, tmp_path / "in", tmp_path / "out")
     assert sorted(again.skipped) == sorted(summary.done) and not again.done
+
+
+def test_two_runs_with_one_creation_time_write_the_same_bytes(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_input(tmp_path / "in")
+    created = datetime.datetime(2026, 12, 1, 8, 30, 15, 250000, tzinfo=datetime.UTC)
+    # When the same input is converted three times: twice at one creation time (given as
+    # SOURCE_DATE_EPOCH, then as --created-at through the command line's parser), once not
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(created.timestamp()))
+    run_batch(config, tmp_path / "in", tmp_path / "a", created=_source_date_epoch())
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    run_batch(config, tmp_path / "in", tmp_path / "b", created=_timestamp(created.isoformat()))
+    run_batch(config, tmp_path / "in", tmp_path / "c")
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*.dcm")}
+
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    # Then the first two are the same bytes, stamped with that time ...
+    assert len(a) == 4 and a == b
+    for data in a.values():
+        ds = dcmread(io.BytesIO(data))
+        assert (ds.InstanceCreationDate, ds.ContentDate) == ("20261201", "20261201")
+        assert (ds.InstanceCreationTime, ds.ContentTime) == ("083015.250000", "083015.250000")
+    # ... and the third differs only in its times (same UIDs, same pixels)
+    assert sorted(c) == sorted(a) and all(c[name] != a[name] for name in a)
+    for name in a:
+        one, other = dcmread(io.BytesIO(a[name])), dcmread(io.BytesIO(c[name]))
+        assert one.SOPInstanceUID == other.SOPInstanceUID
+        dimension = [
+            item.DimensionOrganizationUID for item in one.get("DimensionOrganizationSequence", [])
+        ]
+        assert dimension == [
+            item.DimensionOrganizationUID for item in other.get("DimensionOrganizationSequence", [])
+        ]
+        if "PixelData" in one:
+            assert one.PixelData == other.PixelData
 
 
 def test_two_routes_on_one_series_keep_both_results(config: Config, tmp_path: Path) -> None:

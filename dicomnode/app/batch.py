@@ -23,6 +23,7 @@ order, whatever order the studies finish in.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -155,6 +156,9 @@ class StudyTask:
     study_instance_uid: str
     series: dict[str, list[Path]]
     input_folder: str
+    #: The creation time written into every output (None: the clock's), so that two runs
+    #: over the same input give the same bytes.
+    created: datetime.datetime | None = None
 
 
 def process_study(
@@ -166,7 +170,13 @@ def process_study(
     study_uid = task.study_instance_uid
     try:
         return _process_study(
-            config, processor, study_uid, task.series, output_dir / study_uid, output_dir
+            config,
+            processor,
+            study_uid,
+            task.series,
+            output_dir / study_uid,
+            output_dir,
+            task.created,
         )
     except DicomNodeError as exc:
         log.error("study %s (%s) failed: %s", study_uid, task.input_folder, exc)
@@ -183,6 +193,7 @@ def _process_study(
     series: dict[str, list[Path]],
     study_out: Path,
     output_dir: Path,
+    created: datetime.datetime | None = None,
 ) -> dict[str, Any]:
     """Route and process one study; the manifest entry (without its input folder)."""
     infos = series_infos((uid, p) for uid, paths in series.items() for p in paths)
@@ -198,6 +209,7 @@ def _process_study(
                 m.pipeline,
                 result_files(study_out, series_uid, m.route),
                 uid_seed=f"batch/{study_uid}/{m.route}/{series_uid}",
+                created=created,
             )
             results.append(
                 {
@@ -361,12 +373,17 @@ def ray_runner(config: Config, output_dir: Path, address: str | None) -> StudyRu
     return RayStudyRunner(config, output_dir, config.ray.address if address is None else address)
 
 
-def _tasks(studies: dict[str, dict[str, list[Path]]], input_dir: Path) -> list[StudyTask]:
+def _tasks(
+    studies: dict[str, dict[str, list[Path]]],
+    input_dir: Path,
+    created: datetime.datetime | None = None,
+) -> list[StudyTask]:
     return [
         StudyTask(
             uid,
             series,
             _input_folder((p for paths in series.values() for p in paths), input_dir),
+            created,
         )
         for uid, series in sorted(studies.items())
     ]
@@ -383,8 +400,13 @@ def run_batch(
     ray: bool = False,
     ray_address: str | None = None,
     runner: StudyRunner | None = None,
+    created: datetime.datetime | None = None,
 ) -> BatchSummary:
     """Convert every study under ``input_dir`` into ``output_dir``.
+
+    ``created`` is the creation time written into every output (Instance Creation and
+    Content Date/Time); with it, the outputs of two runs over the same input are the same
+    bytes (UIDs are derived from the input already).  Without it they are the clock's.
 
     ``workers`` > 1 runs studies in that many local processes; ``ray`` runs them on a Ray
     cluster (``ray_address``, else ``[ray].address``; its actors from ``[ray]``), where the
@@ -396,7 +418,7 @@ def run_batch(
     input_dir, output_dir = input_dir.resolve(), output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if runner is not None:
-        return _run(runner, input_dir, output_dir, stream, progress, started)
+        return _run(runner, input_dir, output_dir, stream, progress, started, created)
     chosen: StudyRunner
     if ray:
         chosen = ray_runner(config, output_dir, ray_address)
@@ -405,7 +427,7 @@ def run_batch(
     else:
         chosen = SerialRunner(config, output_dir)
     try:
-        return _run(chosen, input_dir, output_dir, stream, progress, started)
+        return _run(chosen, input_dir, output_dir, stream, progress, started, created)
     finally:
         chosen.close()
 
@@ -437,8 +459,9 @@ def _run(
     stream: TextIO,
     progress: bool,
     started: float,
+    created: datetime.datetime | None = None,
 ) -> BatchSummary:
-    tasks = _tasks(runner.scan(input_dir), input_dir)
+    tasks = _tasks(runner.scan(input_dir), input_dir, created)
     summary = BatchSummary()
     manifest = _read_manifest(output_dir)
     writer = _ManifestWriter(output_dir, manifest)

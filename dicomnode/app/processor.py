@@ -11,6 +11,7 @@ objects from the same input.  Pipelines (ONNX sessions) are loaded once per proc
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from dicomnode.imaging.series import (
     volume_from_datasets,
 )
 from dicomnode.jobs.store import Job, JobStore
+from dicomnode.outputs.common import make_reproducible
 from dicomnode.outputs.ko import build_key_object_selection
 from dicomnode.outputs.layout import (
     ResultFiles,
@@ -153,6 +155,7 @@ def build_results(
     priority: str | None = None,
     omit_empty_frames: bool = False,
     key_images: bool = True,
+    created: datetime.datetime | None = None,
 ) -> BuiltResults:
     """SEG (masks), Parametric Maps (heat maps), KOS (``key_images`` and findings) and the
     SR that lists them."""
@@ -193,6 +196,9 @@ def build_results(
         priority=priority,
         related=[*heat_maps, *([] if kos is None else [kos])],
     )
+    for ds in (seg, *heat_maps, kos, sr):
+        if ds is not None:
+            make_reproducible(ds, uid_seed, created)
     return BuiltResults(seg, heat_maps, kos, sr)
 
 
@@ -243,6 +249,7 @@ class Processor:
         *,
         generation: int = 1,
         previous_reports: Sequence[Path] = (),
+        created: datetime.datetime | None = None,
     ) -> SeriesOutput:
         """One series through the pipeline into ``files``: a SEG when the result has
         masks, and the SR.  The series' largest consistent stack is processed
@@ -267,6 +274,7 @@ class Processor:
             priority=priority,
             omit_empty_frames=settings.omit_empty_frames,
             key_images=settings.key_images,
+            created=created,
         )
         seg, sr = built.segmentation, built.report
         remove_partial_files(files.report.parent)  # left by a run that was killed

@@ -7,6 +7,7 @@ datasets) before highdicom sees them, so that an invalid argument fails with an
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -74,6 +75,39 @@ def new_uid(uid_seed: str | None, *parts: str) -> str:
     if uid_seed is None:
         return str(generate_uid(prefix=UID_ROOT))
     return str(generate_uid(prefix=UID_ROOT, entropy_srcs=["dicomnode-output", uid_seed, *parts]))
+
+
+def make_reproducible(ds: Dataset, uid_seed: str, created: datetime.datetime | None) -> None:
+    """Pin what highdicom draws at random or reads from the clock, so that the same inputs
+    give the same bytes (a batch run again, on a cluster or locally; a job retried).
+
+    Every Dimension Organization UID (random in highdicom) becomes one derived from
+    ``uid_seed`` and the instance's SOP Instance UID.  With ``created``, the Instance
+    Creation, Content and Contribution date and time are that moment instead of the
+    clock's (a batch's ``--created-at`` or ``SOURCE_DATE_EPOCH``); without it they stay
+    the time the object was built."""
+    renamed: dict[str, str] = {}
+
+    def pin(dataset: Dataset) -> None:
+        for element in dataset:
+            if element.keyword == "DimensionOrganizationUID":
+                old = str(element.value)
+                element.value = renamed.setdefault(
+                    old,
+                    new_uid(uid_seed, str(ds.SOPInstanceUID), "dimension", str(len(renamed))),
+                )
+            elif element.keyword == "ContributionDateTime" and created is not None:
+                element.value = created.strftime("%Y%m%d%H%M%S.%f")
+            elif element.VR == "SQ":
+                for item in element.value:
+                    pin(item)
+
+    pin(ds)
+    if created is not None:
+        date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
+        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+        if "ContentDate" in ds:
+            ds.ContentDate, ds.ContentTime = date, time
 
 
 def device_observer_uid(algorithm: AlgorithmInfo) -> str:

@@ -16,7 +16,7 @@ from dicomnode.cli import main
 from dicomnode.config import load_config
 from dicomnode.synthetic.phantom import PhantomSpec
 
-from .outputs import assert_same_results
+from .outputs import CREATED, assert_same_results
 from .test_ray_batch import write_config, write_studies, write_untidy
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,12 @@ def test_pool_of_two_processes_is_the_one_process_batch(
     config = write_config(tmp_path)
     write_studies(tmp_path / "in", 4, PhantomSpec(rows=64, columns=64, slices=10, lesions=()))
     write_untidy(tmp_path / "in")
-    one = run_batch(load_config(config), tmp_path / "in", tmp_path / "one", progress=False)
+    one = run_batch(
+        load_config(config), tmp_path / "in", tmp_path / "one", progress=False, created=CREATED
+    )
 
     argv = ["batch", str(tmp_path / "in"), str(tmp_path / "two"), "--config", str(config)]
+    argv += ["--created-at", CREATED.isoformat()]
     code = main([*argv, "--workers", "2", "--no-progress"])
 
     out = capsys.readouterr().out

@@ -27,7 +27,7 @@ from fixtures_models import max_classifier, threshold_segmenter
 from integration.peers import wait_until
 
 from .cluster import VENV_BIN, RayCluster
-from .outputs import assert_same_results
+from .outputs import CREATED, assert_same_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -94,6 +94,8 @@ def batch_argv(input_dir: Path, output_dir: Path, config: Path, cluster: RayClus
         str(config),
         "--ray",
         cluster.address,
+        "--created-at",
+        CREATED.isoformat(),
         "-v",
     ]
 
@@ -104,7 +106,9 @@ def test_batch_on_two_nodes_is_the_local_batch_and_resumes(
     config = write_config(tmp_path)
     write_studies(tmp_path / "in", 6, PhantomSpec(rows=64, columns=64, slices=10, lesions=()))
     write_untidy(tmp_path / "in")
-    local = run_batch(load_config(config), tmp_path / "in", tmp_path / "local", progress=False)
+    local = run_batch(
+        load_config(config), tmp_path / "in", tmp_path / "local", progress=False, created=CREATED
+    )
     assert len(local.done) == 6 and len(local.ignored) == 1 and len(local.failed) == 1
 
     first = two_nodes.run(batch_argv(tmp_path / "in", tmp_path / "out", config, two_nodes), 240)
@@ -127,7 +131,9 @@ def test_batch_on_two_nodes_is_the_local_batch_and_resumes(
 def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     write_studies(tmp_path / "in", 12, PhantomSpec(rows=128, columns=128, slices=32, lesions=()))
-    local = run_batch(load_config(config), tmp_path / "in", tmp_path / "local", progress=False)
+    local = run_batch(
+        load_config(config), tmp_path / "in", tmp_path / "local", progress=False, created=CREATED
+    )
     assert len(local.done) == 12
     second = two_nodes.node_ids()["second"]
     manifest, log = tmp_path / "out" / "manifest.json", tmp_path / "driver.log"
