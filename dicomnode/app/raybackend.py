@@ -23,6 +23,7 @@ study run twice writes the same files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import signal
@@ -41,6 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from dicomnode.app.batch import StudyTask, process_study
 from dicomnode.app.processor import Processor
 from dicomnode.config import Config, RaySettings
+from dicomnode.inference.runner import THREADS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,13 @@ def worker_stats() -> dict[str, Any]:
     }
 
 
+def share_threads(config: Config) -> None:
+    """In an actor: its model sessions use as many threads as it has CPU slots
+    (``[ray].num_cpus``, at least one), not every core of its node, which other actors
+    share (:data:`dicomnode.inference.runner.THREADS_ENV`)."""
+    os.environ[THREADS_ENV] = str(max(1, math.ceil(config.ray.num_cpus)))
+
+
 def load_pipelines(processor: Processor, config: Config) -> None:
     """Open every configured pipeline now, once per process; one that fails is logged
     and each study that needs it reports the error."""
@@ -198,6 +207,7 @@ class StudyWorker:
     def __init__(self, config: Config, output_dir: str) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
+        share_threads(config)
         self.processor = Processor(config)
         load_pipelines(self.processor, config)
 

@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from dicomnode.app.processor import JobOutcome, Processor
-from dicomnode.app.raybackend import actor_options, connect, worker_stats
+from dicomnode.app.raybackend import actor_options, connect, share_threads, worker_stats
 from dicomnode.app.worker import WorkerContext, work
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
@@ -108,6 +108,7 @@ class JobWorker:
         self.scratch = Path(tempfile.mkdtemp(prefix="dicomnode-job-"))
         node = dataclasses.replace(config.node, data_dir=self.scratch)
         self.config = dataclasses.replace(config, node=node)
+        share_threads(config)
         self.processor = Processor(self.config)
         self.processor.warm_up()  # as a local worker: sessions open, first runs paid
 

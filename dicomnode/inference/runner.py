@@ -97,12 +97,22 @@ def cuda_driver_present() -> bool:
     return True
 
 
+#: Threads a process's model sessions may use, when it is given a share of a machine
+#: (a Ray actor sets it to its ``num_cpus``); otherwise every CPU it may run on.
+THREADS_ENV = "DICOMNODE_THREADS"
+
+
 def cpu_count() -> int:
-    """CPUs this process may run on (a container's limit, not the host's cores)."""
+    """CPUs this process may run on (a container's limit, not the host's cores), or fewer
+    when ``DICOMNODE_THREADS`` says so."""
     try:
-        return len(os.sched_getaffinity(0))
+        available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        available = os.cpu_count() or 1
+    share = os.environ.get(THREADS_ENV, "")
+    if share.isdigit() and int(share) > 0:
+        return min(available, int(share))
+    return available
 
 
 def session_options(intra_op_threads: int = 0) -> Any:

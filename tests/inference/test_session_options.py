@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from dicomnode.inference.card import load_bundle
-from dicomnode.inference.runner import CPU_BATCH_SIZE, BundleRunner, cpu_count, session_options
+from dicomnode.inference.runner import (
+    CPU_BATCH_SIZE,
+    THREADS_ENV,
+    BundleRunner,
+    cpu_count,
+    session_options,
+)
 from fixtures_models import threshold_segmenter
 
 
@@ -25,6 +31,25 @@ def test_session_options_name_threads_optimisation_and_memory_planning() -> None
     assert options.enable_cpu_mem_arena is True
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(3).intra_op_num_threads == 3
+
+
+def test_a_process_given_a_share_of_the_machine_uses_that_many_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ray actor with ``num_cpus = 1`` on a node of several cores sets DICOMNODE_THREADS
+    (``app.raybackend.share_threads``): its sessions must not take every core."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from dicomnode.app.raybackend import share_threads
+    from dicomnode.config import Config, RaySettings
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    everything = cpu_count()
+    share_threads(Config(ray=RaySettings(num_cpus=1)))
+    assert cpu_count() == 1 and session_options().intra_op_num_threads == 1
+    monkeypatch.setenv(THREADS_ENV, "1000")  # never more than the process may use
+    assert cpu_count() == everything
+    monkeypatch.setenv(THREADS_ENV, "many")  # not a number: ignored
+    assert cpu_count() == everything
 
 
 def test_the_runner_s_session_is_opened_with_them(tmp_path: Path) -> None:
