@@ -13,7 +13,7 @@ the ratio Ray / local of each repeat's time (>1: Ray is slower), the per-study c
 sizing needs (CPU seconds of all the workers per study: it does not depend on what else
 the machine runs, as run times do), and the memory of each worker (resident set at the
 end of a run, and its peak).  Every Ray run's results are
-checked against the local run's (the same files, but for the clock-stamped elements).
+checked against the local run's (the same files, byte for byte: one creation time).
 
 The pipeline is the embedded default one (the shipped lesion models on the CPU) unless
 ``--config`` names another.  Ray runs in a network namespace of its own with only a
@@ -29,6 +29,7 @@ Run it on an otherwise quiet machine (``nice`` does not make figures comparable)
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import statistics
@@ -54,6 +55,11 @@ def reexec_in_namespace() -> None:
     if subprocess.run([*unshare, "true"], capture_output=True).returncode == 0:
         os.execvpe(argv[0], argv, env)
     print("no network namespace here: Ray binds 127.0.0.1", file=sys.stderr)
+
+
+#: One creation time for every run, so that each Ray run's files can be compared with the
+#: local run's byte for byte.
+CREATED = datetime.datetime(2026, 12, 1, 8, 0, 0)
 
 
 @dataclass
@@ -107,7 +113,7 @@ def run_local(
     started = time.perf_counter()
     runner = PoolRunner(config, out, workers)
     try:
-        summary = run_batch(config, studies, out, progress=False, runner=runner)
+        summary = run_batch(config, studies, out, progress=False, runner=runner, created=CREATED)
         seconds = time.perf_counter() - started
         usage = [process_usage(pid) for pid in pool_processes(os.getpid())]
     finally:
@@ -130,7 +136,7 @@ def run_ray(
     started = time.perf_counter()
     runner = RayStudyRunner(config, out, "")
     try:
-        summary = run_batch(config, studies, out, progress=False, runner=runner)
+        summary = run_batch(config, studies, out, progress=False, runner=runner, created=CREATED)
         seconds = time.perf_counter() - started
         usage = [(s["rss_mb"], s["max_rss_mb"], s["cpu_s"]) for s in runner.stats()]
     finally:
