@@ -128,7 +128,7 @@ def test_the_whole_loop_corrections_in_better_model_out_worse_refused(
         main(["train", str(recipe), "--data", str(tiny_data), "--out", str(base), "--steps", "1"])
         == 0
     )
-    assert main(["export", str(base), "--out", str(v1)]) == 0
+    assert main(["export", str(base), "--out", str(v1), "--version", "1.0.0"]) == 0
     config = node_factory(start=False, pacs_port=folder_scp.port).config
     pipelines = (PipelineSettings("lesion", {"segmentation": v1}, providers=("cpu",)),)
     node = Node(dataclasses.replace(config, pipelines=pipelines))

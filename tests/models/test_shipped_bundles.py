@@ -59,6 +59,14 @@ def test_segmentation_card_records_the_quality_bar() -> None:
     headline = load_bundle(BUNDLES / "lesion-seg").card.metrics["headline"]
     assert headline["lesion_dice_radius_ge_5mm"] >= 0.90
     assert headline["lesion_sensitivity_radius_ge_5mm"] >= 0.95
+    # issue 12 item 5: small lesions, on held-out series that include 0.6 mm x 1.25 mm ones
+    assert headline["lesion_sensitivity_radius_3_to_5mm"] == 1.0
+    assert headline["lesion_dice_min_radius_3_to_5mm"] >= 0.92
+    assert headline["lesion_volume_error_abs_max_radius_3_to_5mm"] <= 0.10
+    small = load_bundle(BUNDLES / "lesion-seg").card.metrics["labels"]["lesion"]["by_radius"]
+    assert small["3_to_5mm"]["lesions"] >= 40 and small["ge_5mm"]["dice_min"] >= 0.95
+    for key in ("sensitivity", "precision", "f1", "dice_min", "volume_error_abs_max"):
+        assert small["3_to_4mm"][key] is not None and small["4_to_5mm"][key] is not None
 
 
 def test_classifier_card_records_the_quality_bar() -> None:

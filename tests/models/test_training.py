@@ -137,7 +137,7 @@ def test_tf_data_slices_equal_the_runtime_preprocessing(
 def test_training_stream_is_deterministic_and_binary(
     tiny_data: Path, make_recipe: Callable[..., Any]
 ) -> None:
-    recipe = make_recipe("lesion_seg")
+    recipe = make_recipe("lesion_seg", data={"soft_labels": False})
     prepared = [prepare_case(c, recipe.preprocessing) for c in load_cases(tiny_data, recipe.labels)]
 
     def first_batches(seed: int) -> list[np.ndarray]:
@@ -161,7 +161,9 @@ def test_training_stream_is_deterministic_and_binary(
 
 
 def test_augmentation_moves_image_and_label_together(make_recipe: Callable[..., Any]) -> None:
-    recipe = make_recipe("lesion_seg", data={"intensity_jitter": 0.0, "rotation_deg": 8.0})
+    recipe = make_recipe(
+        "lesion_seg", data={"intensity_jitter": 0.0, "rotation_deg": 8.0, "soft_labels": False}
+    )
     y = np.zeros((32, 32, 1), np.float32)
     y[5:15, 8:20] = 1.0
     x = y * 0.75  # the image is its own label
@@ -192,3 +194,20 @@ def test_same_seed_same_weights(seg_run: Path, tiny_data: Path, tmp_path: Path) 
     )
     for u, v in zip(first, again, strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_soft_labels_stay_soft_through_augmentation(make_recipe: Callable[..., Any]) -> None:
+    recipe = make_recipe("lesion_seg", data={"soft_labels": True, "rotation_deg": 8.0})
+    y = np.zeros((32, 32, 1), np.float32)
+    y[10:16, 10:16] = 1.0
+    y[16, 10:16] = 0.3  # partial coverage on the edge
+    _, ya = augment(
+        tf.constant(y),
+        tf.constant(y),
+        tf.constant([3, 1], tf.int64),
+        task="segmentation",
+        data=recipe.data,
+        fill=0.0,
+    )
+    fractional = (ya.numpy() > 0.05) & (ya.numpy() < 0.95)
+    assert fractional.sum() >= 4 and ya.numpy().max() <= 1.0
