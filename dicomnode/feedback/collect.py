@@ -40,6 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.db import Database
+from dicomnode.errors import TransitionError
 from dicomnode.fsutil import copy_atomically, fsync_dir, write_bytes_atomically
 from dicomnode.jobs.store import Job, JobStore
 from dicomnode.outputs.common import MANUFACTURER
@@ -136,6 +137,9 @@ class FeedbackCollector:
             except OSError as exc:  # the copy could not be written: tried again next time
                 log.warning("feedback %d: not settled yet: %s", note.id, exc)
                 continue
+            except TransitionError:  # settled meanwhile by another collector (the node's
+                log.debug("feedback %d: settled meanwhile", note.id)  # or a command's)
+                continue
             settled.append(self.inbox.get(note.id))
         return settled
 
@@ -195,6 +199,8 @@ class FeedbackCollector:
             if not dest.exists():
                 try:
                     os.link(instance.path, dest)
+                except FileExistsError:  # linked meanwhile by another collector
+                    pass
                 except OSError:  # another file system: a copy
                     copy_atomically(instance.path, target).rename(dest)
             count += 1

@@ -229,9 +229,12 @@ def test_segs_that_correct_nothing_the_node_made_are_not_training_data(
     assert proc.returncode == 0, proc.stderr
     for ds in (resaved, elsewhere):
         wait_until(lambda ds=ds: node.index.instance_versions(ds.SOPInstanceUID), 30, "the SEG")
-    # Then the node's own SEG is not even noted, and the others are rejected with why
+    # Then the node's own SEG is not even noted, and the others are rejected with why (the
+    # running node settles them; a collection run meanwhile settles what is left)
     collector = FeedbackCollector(node.index.db, node.jobs)
-    settled = {r.sop_instance_uid: r for r in collector.collect()}
+    collector.collect()
+    inbox = FeedbackInbox(node.index.db)
+    settled = {r.sop_instance_uid: r for r in inbox.records()}
     assert set(settled) == {resaved.SOPInstanceUID, elsewhere.SOPInstanceUID}
     assert settled[resaved.SOPInstanceUID].state == FeedbackState.REJECTED
     assert "made by a dicomnode" in settled[resaved.SOPInstanceUID].reason
@@ -291,3 +294,23 @@ def test_the_study_page_shows_the_corrections_sent_back(
         assert "accepted" in shown and f"job {job.id}:" in shown and "Example Viewer" in shown
     finally:
         node.stop(timeout=30)
+
+
+def test_a_note_settled_meanwhile_by_another_collector_is_skipped(tmp_path: Path) -> None:
+    """The node's housekeeping and `dicomnode feedback list` may settle at the same time:
+    the one that comes second skips the note instead of failing."""
+    from dicomnode.config import RetrySettings
+    from dicomnode.db import Database
+    from dicomnode.jobs.store import JobStore
+    from dicomnode.spool.index import InstanceHeader
+
+    db = Database(tmp_path)
+    inbox = FeedbackInbox(db)
+    header = InstanceHeader("1.2.840.10008.5.1.4.1.1.66.4", "1.2.3.4", "1.2.3", "1.2.3.5", "1.2")
+    inbox.note(header, calling_ae="A", calling_host="h")
+    stale = inbox.records()  # what the second collector read ...
+    first, second = (FeedbackCollector(db, JobStore(db, RetrySettings())) for _ in range(2))
+    assert [r.state for r in first.collect()] == [FeedbackState.REJECTED]  # ... before this
+    second.inbox.records = lambda *args, **kwargs: stale  # type: ignore[method-assign]
+    assert second.collect() == []
+    assert [r.state for r in inbox.records()] == [FeedbackState.REJECTED]
