@@ -4,10 +4,11 @@
 same held-out cases (:func:`dicomnode.models.evaluate.evaluate`) and compares every
 reported quality metric, label by label (and, for segmentation, size bucket by size
 bucket): the candidate is refused when it is worse than the current model on any of them
-by more than ``tolerance`` (absolute; every gated metric lies in 0..1 and higher is
-better).  A metric the current model has and the candidate lacks (no lesion of a bucket
-detected, a ROC without both classes) counts as worse.  Counts (cases, lesions,
-components) are not quality metrics and are not gated.
+by more than ``tolerance`` (absolute).  Higher is better for every gated metric but the
+volume error, of which the largest absolute value per bucket is gated (lower is better: a
+fraction, 0.01 is one percentage point).  A metric the current model has and the candidate
+lacks (no lesion of a bucket detected, a ROC without both classes) counts as worse.
+Counts (cases, lesions, components) are not quality metrics and are not gated.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ SEGMENTATION_METRICS = (
     "lesion_precision",
 )
 #: Per label and lesion size bucket (``by_radius``).
-BUCKET_METRICS = ("sensitivity", "dice_mean", "dice_median", "dice_min")
-#: Per label, slice and study level (:func:`dicomnode.models.metrics.classification_metrics`).
+BUCKET_METRICS = ("sensitivity", "precision", "f1", "dice_mean", "dice_median", "dice_min")
+#: Per label and lesion size bucket, lower is better.
+BUCKET_ERRORS = ("volume_error_abs_max",)
+#: Per label, slice and study level (:func:`dicomnode.models.metrics.classification_metrics`);
+#: for segmentation, the slice level (the model as a slice detector).
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 DEFAULT_TOLERANCE = 0.01
 
@@ -47,13 +51,19 @@ def gated_metrics(task: str, summary: Mapping[str, Any]) -> dict[str, float | No
             for key in SEGMENTATION_METRICS:
                 out[f"{label}.{key}"] = _number(values.get(key))
             for bucket, metrics in values.get("by_radius", {}).items():
-                for key in BUCKET_METRICS:
+                for key in (*BUCKET_METRICS, *BUCKET_ERRORS):
                     out[f"{label}.by_radius.{bucket}.{key}"] = _number(metrics.get(key))
+            for key in CLASSIFICATION_METRICS:
+                out[f"{label}.slice.{key}"] = _number(values.get("slice", {}).get(key))
         else:
             for level in ("slice", "study"):
                 for key in CLASSIFICATION_METRICS:
                     out[f"{label}.{level}.{key}"] = _number(values.get(level, {}).get(key))
     return out
+
+
+def lower_is_better(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in BUCKET_ERRORS
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,6 @@ def compare(
             worse, delta = True, None  # the current model has it; the candidate lost it
         else:
             delta = a - b
-            worse = delta < -tolerance
+            worse = delta > tolerance if lower_is_better(name) else delta < -tolerance
         verdicts.append(MetricVerdict(name, a, b, delta, worse))
     return GateReport(task, tolerance, tuple(verdicts))

@@ -45,6 +45,27 @@ def test_a_metric_worse_beyond_the_tolerance_refuses_the_candidate() -> None:
         compare("segmentation", current, current, 1.5)
 
 
+def test_precision_f1_volume_error_and_slice_figures_are_gated_too() -> None:
+    """Every reported quality figure: a larger volume error (lower is better) or a lower
+    per-bucket precision, F1 or slice-level AUC refuses the candidate."""
+
+    def summary(volume_error: float, precision: float, auc: float) -> dict[str, object]:
+        bucket = {"precision": precision, "f1": precision, "volume_error_abs_max": volume_error}
+        slice_level = {"roc_auc": auc}
+        return {"labels": {"lesion": {"by_radius": {"3_to_5mm": bucket}, "slice": slice_level}}}
+
+    current = summary(0.05, 1.0, 0.99)
+    assert compare("segmentation", summary(0.03, 1.0, 0.99), current, 0.01).accepted
+    assert compare("segmentation", summary(0.055, 1.0, 0.995), current, 0.01).accepted
+    worse = compare("segmentation", summary(0.12, 0.8, 0.9), current, 0.01)
+    assert sorted(v.name for v in worse.worse) == [
+        "lesion.by_radius.3_to_5mm.f1",
+        "lesion.by_radius.3_to_5mm.precision",
+        "lesion.by_radius.3_to_5mm.volume_error_abs_max",
+        "lesion.slice.roc_auc",
+    ]
+
+
 def test_classification_metrics_are_gated_per_level() -> None:
     def summary(auc: float) -> dict[str, object]:
         metrics = {"accuracy": 0.9, "f1": 0.9, "roc_auc": auc, "n": 100}

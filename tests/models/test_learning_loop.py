@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from dicomnode.app.node import Node
 from dicomnode.cli import main
@@ -22,6 +23,7 @@ from dicomnode.models.run import RunFiles
 from dicomnode.models.synthetic import build_segmentation, write_case
 from dicomnode.net.scp import FolderSCP
 from dicomnode.net.scu import Peer, send_files
+from dicomnode.outputs.layout import job_folder, results_root
 from dicomnode.spool.feedback import FeedbackInbox, FeedbackState
 from dicomnode.synthetic.phantom import Lesion, generate_phantom, write_phantom
 from integration.peers import wait_until
@@ -206,3 +208,33 @@ def test_the_whole_loop_corrections_in_better_model_out_worse_refused(
     assert (
         "lesion.case_dice_mean" in json.loads((tmp_path / "g2" / "gate.json").read_text())["worse"]
     )
+    # And the node switches to the new version by configuration, and rolls back the same way
+    for version, bundle in (("1.0.1", v2), ("1.0.0", v1)):
+        pipelines = (PipelineSettings("lesion", {"segmentation": bundle}, providers=("cpu",)),)
+        data_dir = tmp_path / f"node-{version}"
+        node = Node(
+            dataclasses.replace(
+                config,
+                pipelines=pipelines,
+                node=dataclasses.replace(config.node, data_dir=data_dir),
+            )
+        )
+        node.start()
+        try:
+            phantom = generate_phantom(make_spec(80, lesions[0]))
+            files = write_phantom(phantom, tmp_path / f"study-{version}")
+            assert all(
+                r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", node.port), files, "PACS")
+            )
+            wait_until(
+                lambda n=node: [j.state for j in n.jobs.list_jobs()] == ["done"], 120, "the job"
+            )
+            (job,) = node.jobs.list_jobs()
+            folder = job_folder(results_root(data_dir), job.id)
+            (seg_path,) = [p for p in folder.rglob("*.dcm") if dcmread(p).Modality == "SEG"]
+            made = dcmread(seg_path, stop_before_pixels=True)
+            versions = made.SoftwareVersions  # one value or several (pydicom)
+            first = versions if isinstance(versions, str) else versions[0]
+            assert first == version, versions
+        finally:
+            node.stop(timeout=30)
