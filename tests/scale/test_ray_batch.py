@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,8 @@ def test_batch_on_two_nodes_is_the_local_batch_and_resumes(
 
 def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    write_studies(tmp_path / "in", 12, PhantomSpec(rows=128, columns=128, slices=32, lesions=()))
+    # Studies that take a while each, so that one is in flight on the second node when it dies
+    write_studies(tmp_path / "in", 12, PhantomSpec(rows=256, columns=256, slices=40, lesions=()))
     local = run_batch(
         load_config(config), tmp_path / "in", tmp_path / "local", progress=False, created=CREATED
     )
@@ -154,6 +156,9 @@ def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_
                 "a study processed on the second node",
                 interval=0.02,
             )
+            # The driver logs a study's result before it sends that actor the next one: a
+            # moment later (a study takes about a second) the next is in flight there.
+            time.sleep(0.3)
             finished = 0
             with contextlib.suppress(FileNotFoundError):
                 finished = len(json.loads(manifest.read_text())["studies"])
