@@ -10,6 +10,7 @@ gets exactly its results.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -29,7 +30,15 @@ from .cluster import VENV_BIN, RayCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.peer]
 
-PORT = 11112  # inside the cluster's own network namespace (free ports outside it)
+
+def free_port() -> int:
+    """A port free on this machine (and so in the cluster's fresh network namespace too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = free_port()
 PROCESSED = re.compile(r"job (\d+): processed on node (\w+)")
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
