@@ -58,6 +58,8 @@ def configure(config: Config, quiet: float, args: argparse.Namespace) -> Config:
             p,
             providers=tuple(args.providers) if args.providers else p.providers,
             batch_size=args.batch_size or p.batch_size,
+            heat_maps=args.explain,
+            key_images=args.explain,
         )
         for p in config.pipelines
     )
@@ -109,6 +111,11 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=1.0)
     ap.add_argument("--providers", nargs="+", choices=["tensorrt", "cuda", "cpu"])
     ap.add_argument("--batch-size", type=int, help="slices per inference batch")
+    ap.add_argument(
+        "--explain",
+        action="store_true",
+        help="heat maps and key images on (the demo's choice; off in the embedded defaults)",
+    )
     args = ap.parse_args()
     for slices in args.slices:
         runs = []

@@ -358,6 +358,9 @@ class PipelineSettings:
     triage: tuple[TriageRule, ...] = ()
     #: Leave the empty frames out of the SEG (outputs/seg.py says when that is safe).
     omit_empty_frames: bool = False
+    #: On the CPU, run segmentation models on the body's bounding box only, not on the
+    #: air around it (inference/runner.py; a third less work on a chest CT).
+    crop_to_body: bool = True
     #: Return an explanation map per explained label as a Parametric Map (the kind must
     #: make them: ``lesion`` does, from its segmentation model's probabilities).
     heat_maps: bool = False

@@ -20,6 +20,9 @@ FloatArray = npt.NDArray[np.float32]
 #: Slices windowed and resampled at once by :func:`prepare_slices`.
 PREPARE_SLICES = 4
 
+#: Hounsfield units above which a pixel is the patient (or the table), not air (-1000).
+BODY_HU = -500.0
+
 
 @dataclass(frozen=True)
 class SliceGeometry:
@@ -113,6 +116,33 @@ def prepare_slices(
             x = resize_bilinear(x, rs)
         out[start : start + len(x), : rs[0], : rs[1]] = x
     return out, SliceGeometry(src_shape, rs, padded)
+
+
+def body_box(
+    x: npt.NDArray[np.float32], spec: Preprocessing, *, margin: int, multiple: int
+) -> tuple[slice, slice] | None:
+    """The rows and columns of prepared slices ``x`` (slices, h, w) that hold the body:
+    the box around every pixel above :data:`BODY_HU` in any slice, ``margin`` pixels
+    wider, its edges on multiples of ``multiple`` (so a network's pooling grid stays
+    where it was).  An empty box (nothing but air) is ``(slice(0, 0), slice(0, 0))``;
+    None where the card's window does not tell air from the body (it clips both to its
+    lower end)."""
+    if spec.window_min > BODY_HU:
+        return None
+    level = float(apply_intensity(np.float32(BODY_HU), spec))
+    inside = np.any(x > level, axis=0)
+    rows = np.flatnonzero(inside.any(axis=1))
+    if len(rows) == 0:
+        return slice(0, 0), slice(0, 0)
+    cols = np.flatnonzero(inside.any(axis=0))
+    h, w = inside.shape
+
+    def edges(first: int, last: int, size: int) -> slice:
+        start = max(0, (first - margin) // multiple * multiple)
+        stop = min(size, -(-(last + 1 + margin) // multiple) * multiple)
+        return slice(start, stop)
+
+    return edges(int(rows[0]), int(rows[-1]), h), edges(int(cols[0]), int(cols[-1]), w)
 
 
 def prepare_labels(

@@ -115,7 +115,11 @@ def build_pipeline(settings: PipelineSettings) -> Pipeline:
     bundles = check_pipeline(settings)
     runners = {
         role: BundleRunner(
-            bundle, settings.providers, tensorrt=settings.tensorrt, batch_size=settings.batch_size
+            bundle,
+            settings.providers,
+            tensorrt=settings.tensorrt,
+            batch_size=settings.batch_size,
+            crop_to_body=settings.crop_to_body,
         )
         for role, bundle in bundles.items()
     }
