@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import tensorflow as tf  # noqa: F401  (the train extra; imported first for clear failures)
 
@@ -106,3 +107,27 @@ def test_impossible_tolerance_is_refused_and_recorded_when_met(tmp_path: Path) -
     card = load_bundle(bundle.path).card
     assert card.parity["tolerance"] == 1e-4 and card.parity["passed"] is True
     assert onnx.load(str(bundle.model_path)).graph.output[0].name == card.output.name
+
+
+def test_the_no_op_crops_after_upsampling_are_removed_and_nothing_changes() -> None:
+    # Given a U-Net with two upsamplings, converted by tf2onnx (a Slice + Pad after each)
+    model = build_unet(base_filters=4, depth=2)
+    proto = export.convert_keras(model, opset=17, task="segmentation")
+    before = proto.SerializeToString()
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("ConvTranspose") == 2 and ops.count("Pad") == 2
+    # When the crops are dropped
+    assert export.drop_noop_crops(proto) == 2
+    # Then no Pad, Slice or shape arithmetic is left, and the outputs are the same bit for bit
+    ops = [n.op_type for n in proto.graph.node]
+    assert not {"Pad", "Slice", "Shape"} & set(ops) and ops.count("ConvTranspose") == 2
+    onnx.checker.check_model(proto)
+    after = proto.SerializeToString()
+    x = RNG.uniform(0, 1, (2, 1, 48, 80)).astype(np.float32)
+    runs = [
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+        for m in (before, after)
+    ]
+    assert np.array_equal(runs[0], runs[1])
+    # and a graph without such crops is left alone
+    assert export.drop_noop_crops(proto) == 0

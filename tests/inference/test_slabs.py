@@ -114,7 +114,7 @@ def test_shipped_models_give_the_same_output_in_slabs_as_whole() -> None:
     # When streamed in slabs of 4
     slabs = list(iter_slabs(hu, (0.7, 0.7), seg.card.preprocessing, slices=4))
     probs = np.concatenate([seg.segment_slab(s) for s in slabs], axis=1)
-    # (each model's own preprocessing: lesion-seg 1.1.0 works at 1.0 mm, lesion-cls at 1.4)
+    # (each model's own preprocessing: lesion-seg 1.1.x works at 1.0 mm, lesion-cls at 1.4)
     cls_slabs = iter_slabs(hu, (0.7, 0.7), cls.card.preprocessing, slices=4)
     per_slice = np.concatenate([cls.classify_slab(s) for s in cls_slabs])
 

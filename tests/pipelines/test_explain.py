@@ -108,7 +108,7 @@ def test_heat_map_is_the_segmentation_probability_over_the_source(
         marked[uids.index(str(source.ReferencedSOPInstanceUID))] |= seg.pixel_array[i] > 0
     assert marked.any()
     threshold = load_bundle(builtin_bundle("lesion-seg")).card.labels[0].threshold
-    assert levels[marked].min() >= int(threshold * 255)  # lesion-seg 1.1.0: 0.4 = level 102
+    assert levels[marked].min() >= int(threshold * 255)  # lesion-seg 1.1.x: 0.4 = level 102
     # ... its hottest voxel lies in a lesion of the ground truth, and away from them it is cold
     truth = phantom.mask  # type: ignore[attr-defined]
     assert truth.reshape(-1)[int(np.argmax(levels))]

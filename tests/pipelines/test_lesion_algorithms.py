@@ -54,7 +54,7 @@ def test_classification_names_the_classifier_and_findings_the_segmenter(
     report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(out.report).content)
     segmenter = {
         ALGORITHM_NAME: ["lesion-seg"],
-        ALGORITHM_VERSION: ["1.1.0"],
+        ALGORITHM_VERSION: ["1.1.1"],
         ALGORITHM_PARAMETERS: ["threshold=0.4", "min_component_volume_mm3=10"],
     }
     findings = report.get_volumetric_roi_measurement_groups()
@@ -75,7 +75,7 @@ def test_classification_names_the_classifier_and_findings_the_segmenter(
     (probability,) = classification.get_measurements()
     assert algorithm_rows(probability[0]) == classifier
     # And the SEG and the summary stay the segmenter's; the SR lists both models
-    assert out.summary["algorithm"] == "lesion-seg 1.1.0"
+    assert out.summary["algorithm"] == "lesion-seg 1.1.1"
     assert out.segmentation is not None
     assert dcmread(out.segmentation).ManufacturerModelName == "lesion-seg"
     sr = dcmread(out.report)
