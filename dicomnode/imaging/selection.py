@@ -82,8 +82,9 @@ class StackChoice:
     processed.  ``left_out``: (reason, count) pairs.  ``frames``: for each path, the
     1-based frame numbers taken from a multi-frame instance, in slice order; () for a
     single-frame instance (and when not known: :func:`load_stack` then selects again).
-    ``headers``: for each path, its header as read for the choice (no pixel data), so that
-    the SEG and SR need not read them again; () when not known.
+    ``headers``: for each path, its header as read for the choice, so that neither loading
+    nor the SEG and SR read it again; () when not known.  Its pixel data is read from the
+    file when used (:data:`DEFER_BYTES`); :func:`load_stack` removes it once loaded.
     """
 
     paths: tuple[Path, ...]
@@ -124,9 +125,18 @@ class _Candidate:
         return (-len(self.frames), *first)
 
 
-def read_header(path: Path) -> Dataset:
-    """The header of ``path`` (no pixel data)."""
+#: Values at least this long are read when first used, not with the header: the pixel
+#: data of the chosen stack, read by :func:`~dicomnode.imaging.series.load_stack` from
+#: where the header read found it, so that no file is parsed twice.
+DEFER_BYTES = 64 * 1024
+
+
+def read_header(path: Path, *, defer_pixels: bool = False) -> Dataset:
+    """The header of ``path``: no pixel data, or (``defer_pixels``) pixel data and other
+    long values left in the file until used (``DEFER_BYTES``)."""
     try:
+        if defer_pixels:
+            return pydicom.dcmread(path, defer_size=DEFER_BYTES)
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError) as exc:
         raise ImagingError(f"{path}: not a readable DICOM file: {exc}") from exc
@@ -137,7 +147,8 @@ def read_header(path: Path) -> Dataset:
 def select_stack(paths: Sequence[Path]) -> StackChoice:
     """Pick the stack of the series to build the volume from (see the module docstring).
 
-    Reads headers only (``stop_before_pixels``).
+    Reads headers only: the pixel data stays in the files until :func:`load_stack` reads
+    it through the headers kept in the choice.
 
     Raises
     ------
@@ -153,7 +164,7 @@ def select_stack(paths: Sequence[Path]) -> StackChoice:
     left: list[_LeftOut] = []
     headers: list[Dataset] = []
     for index, path in enumerate(paths):
-        ds = read_header(path)
+        ds = read_header(path, defer_pixels=True)
         headers.append(ds)
         try:
             reason = left_out_reason(ds)

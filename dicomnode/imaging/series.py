@@ -197,15 +197,19 @@ def load_stack(choice: StackChoice) -> Volume:
         choice = select_stack(choice.paths)
     count = sum(max(1, len(frames)) for frames in choice.frames)
     builder = _VolumeBuilder(count)
+    known = len(choice.headers) == len(choice.paths)
     for index, (path, frames) in enumerate(zip(choice.paths, choice.frames, strict=True)):
         try:
-            ds = pydicom.dcmread(path)
+            # The header read for the choice, its pixel data read from the file now.
+            ds = choice.headers[index] if known else pydicom.dcmread(path)
+            builder.add(ds, str(path), index, frames)
         except (InvalidDicomError, OSError) as exc:
             raise ImagingError(f"{path}: not a readable DICOM file: {exc}") from exc
         except UNREADABLE as exc:
             raise ImagingError(f"{path}: unreadable file ({type(exc).__name__}: {exc})") from exc
-        builder.add(ds, str(path), index, frames)
-        del ds
+        finally:
+            if known and "PixelData" in choice.headers[index]:
+                del choice.headers[index].PixelData  # the header stays, not the pixels
     return builder.build(choice.paths)
 
 

@@ -60,8 +60,8 @@ def _taps(n_in: int, n_out: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.i
 def resize_bilinear(batch: npt.ArrayLike, shape: tuple[int, int]) -> FloatArray:
     """Resize (N, H, W) to (N, *shape) with bilinear interpolation (half-pixel centres).
 
-    Separable: one two-tap pass along rows, one along columns, a few slices at a time so
-    the intermediates stay in cache."""
+    Separable: one two-tap pass along rows, one along columns, a slice at a time in
+    buffers reused from slice to slice (``a + (b - a) * w``, computed in place)."""
     src = np.asarray(batch, dtype=np.float32)
     n, h, w = src.shape
     oh, ow = shape
@@ -71,10 +71,18 @@ def resize_bilinear(batch: npt.ArrayLike, shape: tuple[int, int]) -> FloatArray:
     x0, x1, wx = _taps(w, ow)
     wy_col = wy[:, None]
     out = np.empty((n, oh, ow), dtype=np.float32)
+    top, rows, left = (np.empty(s, dtype=np.float32) for s in ((oh, w), (oh, w), (oh, ow)))
     for k in range(n):
-        s = src[k]
-        rows = s[y0] + (s[y1] - s[y0]) * wy_col  # (oh, w)
-        out[k] = rows[:, x0] + (rows[:, x1] - rows[:, x0]) * wx
+        np.take(src[k], y0, axis=0, out=top)
+        np.take(src[k], y1, axis=0, out=rows)
+        rows -= top
+        rows *= wy_col
+        rows += top  # (oh, w)
+        np.take(rows, x0, axis=1, out=left)
+        np.take(rows, x1, axis=1, out=out[k])
+        out[k] -= left
+        out[k] *= wx
+        out[k] += left
     return out
 
 

@@ -329,3 +329,23 @@ def test_instances_of_two_series_are_refused_naming_both(tmp_path: Path) -> None
 
     with pytest.raises(ImagingError, match="instances of two series were given as one"):
         select_stack([*axial, *other])
+
+
+def test_loading_reads_each_file_once_and_keeps_headers_without_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a series whose stack was chosen (each header read once, its pixels left in the file)
+    phantom = generate_phantom(AXIAL)
+    files = write_phantom(phantom, tmp_path)
+    choice = select_stack(files)
+    parsed: list[object] = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parsed.append(a) or real(*a, **k))
+    # When the volume is loaded
+    volume = load_stack(choice)
+    # Then no file was parsed again, the pixels are those of the files, and the headers kept
+    # for the SEG and SR hold no pixel data
+    assert parsed == []
+    assert np.array_equal(volume.pixels, phantom.hu)
+    assert all("PixelData" not in h for h in choice.headers)
+    assert all("Rows" in h for h in choice.headers)
