@@ -149,8 +149,9 @@ def instrument(clock: PhaseClock, processor: Any, pipeline: Any) -> None:
 
 
 def _one_batch(pipeline: Any, size: int) -> None:
-    """One batch through each model, on air slices of the study's size: the memory arena
-    a session keeps is sized by its batches."""
+    """One batch through each model, on soft-tissue slices of the study's size (the whole
+    field of view is body, so a segmentation model cropping to the body runs on all of
+    it): the memory arena a session keeps is sized by its largest batch."""
     import numpy as np
 
     from dicomnode.pipelines.lesion import LesionPipeline
@@ -160,7 +161,7 @@ def _one_batch(pipeline: Any, size: int) -> None:
     for runner in runners:
         if runner is None:
             continue
-        hu = np.full((runner.batch_size, size, size), -1000.0, dtype=np.float32)
+        hu = np.full((runner.batch_size, size, size), 40.0, dtype=np.float32)
         if runner.card.task == "segmentation":
             runner.predict_segmentation(hu, (0.7, 0.7))
         else:

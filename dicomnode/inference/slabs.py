@@ -26,10 +26,12 @@ import numpy.typing as npt
 from dicomnode.inference.card import Preprocessing
 from dicomnode.inference.preprocess import FloatArray, SliceGeometry, prepare_slices
 
-#: Slices per slab, about: rounded up to a whole number of batches.  32 slices of
-#: 512 x 512 are 32 MiB as float32; the slab's other copies are smaller (resampled) or
-#: short-lived.
-SLAB_SLICES = 32
+#: Slices per slab, about: rounded up to a whole number of batches.  A slab's copies are
+#: its prepared slices and the model's output on the model's grid (16 x 368 x 368 float32
+#: each, 8 MiB, for a 512 x 512 slice of 0.7 mm and a 1.0 mm model) and the output restored
+#: to the source grid (16 MiB); 32 slices raised the worker's peak by 55 MiB for the same
+#: time (docs/performance.md).
+SLAB_SLICES = 16
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ def test_slabs_cover_the_volume_once_with_their_halos() -> None:
 
 
 def test_a_slab_is_a_whole_number_of_every_batch() -> None:
-    assert slab_slices(4) == 32
-    assert slab_slices(4, 6) == 36
+    assert slab_slices(4) == 16
+    assert slab_slices(4, 6) == 24
     assert slab_slices(64) == 64
     assert slab_slices(3, target=2) == 3
     with pytest.raises(ValueError, match="positive"):
