@@ -56,6 +56,10 @@ FIRST_SEGMENT_BYTES = 4 * 2**20
 #: Free segment files kept ready (zero-filled, or retired and reused): 256 MiB of disk,
 #: so that a burst of a few hundred MiB never waits for a segment to be written.
 POOL_SIZE = 4
+#: A spare is zero-filled only when fewer than this many free segments are left: the
+#: retired ones refill the pool, and a burst does not write 64 MiB of zeros (and delete a
+#: retired segment later) for every 64 MiB it receives (docs/performance.md).
+SPARE_LOW = 2
 _MAGIC, _END = b"DNRL", b"DNRE"
 _HEAD = struct.Struct("<4sIIQ")
 _FREE_PREFIX = "free-"
@@ -255,10 +259,11 @@ class ReceiveLog:
 
     def prepare_spare(self) -> None:
         """Zero-fill one more free segment file (the next size) if fewer than
-        ``pool_size`` are ready; the checkpoint thread calls it after a segment was taken,
-        so that the store filling the next one does not wait for it."""
+        :data:`SPARE_LOW` are ready (at most ``pool_size``); the checkpoint thread calls it
+        after a segment was taken, so that the store filling the next one does not wait
+        for it."""
         self.spare_wanted.clear()
-        if self._closed or len(self._free_files()) >= self.pool_size:
+        if self._closed or len(self._free_files()) >= min(SPARE_LOW, self.pool_size):
             return
         name = f"{_FREE_PREFIX}{self.owner}-x{time.time_ns()}.log"
         _zero_fill(self.folder / name, self.next_size)

@@ -68,6 +68,32 @@ def test_records_are_read_back_and_a_reused_segment_forgets_its_earlier_life(
     assert [r.body for r in read_segment(newest)] == [big, again]
 
 
+def test_a_burst_takes_the_ready_segments_and_zero_fills_only_near_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a log of 1 MiB segments with its pool of 4 ready (as on a busy node)
+    monkeypatch.setattr(journal, "SEGMENT_BYTES", 2**20)
+    log = ReceiveLog(tmp_path, segment_bytes=2**20)
+    log.preallocate()
+    assert log.free_segments() == journal.POOL_SIZE == 4
+    filled: list[Path] = []
+    real = journal._zero_fill
+    monkeypatch.setattr(journal, "_zero_fill", lambda p, n: filled.append(p) or real(p, n))
+    big = os.urandom(900_000)
+    # When a burst fills segment after segment (the checkpoint thread asked for a spare each time)
+    free = []
+    for _ in range(4):  # the first record goes into the segment the log opened with
+        _append(log, big)
+        log.prepare_spare()
+        free.append(log.free_segments())
+    # Then the next two took ready segments and wrote no zeros; the pool refills below 2
+    assert free == [4, 3, 2, 2] and len(filled) == 1
+    # and the retired segments come back to the pool instead of being deleted
+    _, done = log.checkpoint_begin()
+    log.retire(done)
+    assert log.free_segments() == 4 and len(filled) == 1
+
+
 def test_a_torn_record_is_skipped_and_the_records_after_it_still_read(tmp_path: Path) -> None:
     log = ReceiveLog(tmp_path, segment_bytes=2**20)
     bodies = [os.urandom(9000) for _ in range(3)]
