@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
 
@@ -35,9 +35,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream it
+    was when logging was configured: a test runner or an embedding application may replace
+    (and close) that one while the node's threads still log."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always sys.stderr
+
+
 def configure_logging(level: str, fmt: LogFormat = "text", text: str = TEXT) -> None:
     """Root logging to stderr in ``fmt``; pynetdicom and highdicom at WARNING or above."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(text))
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()

@@ -56,6 +56,9 @@ def test_metrics_cover_receiving_jobs_and_delivery(
         results = send_files(Peer("DICOMNODE", "127.0.0.1", node.port), phantom_files, "PACS")
         assert all(r.ok for r in results)
         wait_until(lambda: any(j.state == DONE for j in node.jobs.list_jobs()))
+        # The results are delivered from the outbox once the job is done: wait for that too
+        delivered = 'dicomnode_job_phase_seconds_count{phase="delivery",pipeline="lesion"}'
+        wait_until(lambda: delivered in scrape(node), timeout=30)
         text = scrape(node)
     finally:
         node.stop(timeout=30)
