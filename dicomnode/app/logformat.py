@@ -38,15 +38,15 @@ class JsonFormatter(logging.Formatter):
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream it
     was when logging was configured: a test runner or an embedding application may replace
-    (and close) that one while the node's threads still log."""
+    (and close) that one while the node's threads still log.  (The standard library's
+    last-resort handler does the same.)"""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)  # not StreamHandler's: it would bind a stream
 
     @property
     def stream(self) -> Any:
         return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass  # always sys.stderr
 
 
 def configure_logging(level: str, fmt: LogFormat = "text", text: str = TEXT) -> None:

@@ -199,17 +199,20 @@ def load_stack(choice: StackChoice) -> Volume:
     builder = _VolumeBuilder(count)
     known = len(choice.headers) == len(choice.paths)
     for index, (path, frames) in enumerate(zip(choice.paths, choice.frames, strict=True)):
+        # The header read for the choice, its pixel data read from the file now (a choice
+        # loaded before has given its pixel data back: the file is read again).
+        header = choice.headers[index] if known else None
+        deferred = header is not None and "PixelData" in header
         try:
-            # The header read for the choice, its pixel data read from the file now.
-            ds = choice.headers[index] if known else pydicom.dcmread(path)
+            ds = header if header is not None and deferred else pydicom.dcmread(path)
             builder.add(ds, str(path), index, frames)
         except (InvalidDicomError, OSError) as exc:
             raise ImagingError(f"{path}: not a readable DICOM file: {exc}") from exc
         except UNREADABLE as exc:
             raise ImagingError(f"{path}: unreadable file ({type(exc).__name__}: {exc})") from exc
         finally:
-            if known and "PixelData" in choice.headers[index]:
-                del choice.headers[index].PixelData  # the header stays, not the pixels
+            if header is not None and deferred:
+                del header.PixelData  # the header stays, not the pixels
     return builder.build(choice.paths)
 
 

@@ -349,3 +349,6 @@ def test_loading_reads_each_file_once_and_keeps_headers_without_pixels(
     assert np.array_equal(volume.pixels, phantom.hu)
     assert all("PixelData" not in h for h in choice.headers)
     assert all("Rows" in h for h in choice.headers)
+    # and the same choice loaded again reads its files again, to the same volume
+    assert np.array_equal(load_stack(choice).pixels, phantom.hu)
+    assert len(parsed) == len(files)
