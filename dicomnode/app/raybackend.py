@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 from pydicom import dcmread
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dicomnode.app.batch import StudyTask, process_study
@@ -52,6 +52,8 @@ SCAN_CHUNK = 512
 IN_FLIGHT = 2
 #: After this long, actors still starting are reported (the cluster may lack room).
 STARTUP_WARNING_S = 60.0
+#: How often an actor that is restarting (its node died) is asked whether it answers.
+RESTART_PROBE_S = 0.5
 
 
 def connect(address: str) -> bool:
@@ -216,11 +218,97 @@ class StudyWorker:
         entry = process_study(self.config, self.processor, task, self.output_dir)
         return entry, ray.get_runtime_context().get_node_id()
 
+    def node_id(self) -> str:
+        """The node this actor runs on (the driver's first call: it answers once started)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     def stats(self) -> dict[str, Any]:
         return worker_stats()
 
 
 StudyActor = ray.remote(StudyWorker)
+
+
+class _ActorPool:
+    """The driver's view of its actors: which have answered (and on which node), the
+    studies each has in hand, and the probes (``node_id`` calls) of those starting or
+    restarting.  A restarting actor refuses calls (``ActorUnavailableError``): it is
+    probed every :data:`RESTART_PROBE_S` until it answers, and gets no study before."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+        #: Actors that answered -> the node each last ran on.
+        self.ready: dict[int, str] = {}
+        self.probes: dict[Any, int] = {a.node_id.remote(): n for n, a in enumerate(actors)}
+        #: Restarting actors -> when to probe them again.
+        self.recheck: dict[int, float] = {}
+        self.running: dict[Any, tuple[StudyTask, int]] = {}
+
+    def least_busy(self) -> int | None:
+        """The actor that answered and holds the fewest studies, if fewer than
+        :data:`IN_FLIGHT`."""
+        held = dict.fromkeys(self.ready, 0)
+        for _, number in self.running.values():
+            if number in held:
+                held[number] += 1
+        free = [n for n in held if held[n] < IN_FLIGHT]
+        return min(free, key=held.__getitem__, default=None)
+
+    def send(self, number: int, task: StudyTask) -> None:
+        self.running[self.actors[number].process.remote(task)] = (task, number)
+        log.info(
+            "study %s (%s): sent to actor %d on node %s",
+            task.study_instance_uid,
+            task.input_folder,
+            number,
+            self.ready[number],
+        )
+
+    def all_lost(self) -> bool:
+        """No actor has answered, none is being probed: none could start."""
+        return not self.ready and not self.probes and not self.recheck
+
+    def wait(self, timeout: float) -> list[Any]:
+        """The calls and probes done within ``timeout`` (at least 50 ms, at most until
+        the next probe is due)."""
+        if self.recheck:
+            timeout = min(timeout, min(self.recheck.values()) - time.monotonic())
+        done, _ = ray.wait([*self.running, *self.probes], num_returns=1, timeout=max(0.05, timeout))
+        return list(done)
+
+    def answered(self, ref: Any) -> None:
+        """A probe came back: the actor is ready, restarting (probe again later) or could
+        not start (logged; it gets nothing)."""
+        number = self.probes.pop(ref)
+        try:
+            node = str(ray.get(ref))
+        except RayActorError as exc:
+            if isinstance(exc, ActorUnavailableError):
+                self.recheck[number] = time.monotonic() + RESTART_PROBE_S
+            else:
+                log.error("Ray actor %d could not start: %s", number, exc)
+            return
+        except RayError as exc:
+            log.error("Ray actor %d could not start: %s", number, exc)
+            return
+        log.info("Ray actor %d answers on node %s", number, node)
+        self.ready[number] = node
+
+    def restarting(self, number: int) -> None:
+        """The actor's node or process died with a study in hand: Ray restarts it."""
+        if self.ready.pop(number, None) is not None:
+            log.info("Ray actor %d is restarting", number)
+            self.recheck[number] = time.monotonic()
+
+    def probe_restarted(self, now: float) -> None:
+        for number, when in list(self.recheck.items()):
+            if when <= now:
+                del self.recheck[number]
+                self.probes[self.actors[number].node_id.remote()] = number
+
+    def ran_on(self, number: int, node: str) -> None:
+        if number in self.ready:
+            self.ready[number] = node
 
 
 class RayStudyRunner:
@@ -248,60 +336,70 @@ class RayStudyRunner:
             ]
 
     def run(self, tasks: Sequence[StudyTask]) -> Iterator[tuple[StudyTask, dict[str, Any]]]:
-        """Send each study to an actor that has started (at most :data:`IN_FLIGHT` each);
-        a study whose actor died is sent again after the back-off of ``[jobs]``."""
+        """Send each study to an actor that has answered (at most :data:`IN_FLIGHT` each);
+        a study whose actor died is sent again after the back-off of ``[jobs]``, and that
+        actor gets nothing more until it answers again from where Ray restarted it."""
         if not tasks:
             return
         self._start_actors()
         #: (when it may be sent, the study), the next one last.
         self._queue = [(0.0, task) for task in reversed(tasks)]
         self._attempts = {}
-        starting = {a.__ray_ready__.remote(): n for n, a in enumerate(self.actors)}
-        busy: dict[int, int] = {}  # actors started -> studies in flight
-        running: dict[Any, tuple[StudyTask, int]] = {}
+        pool = _ActorPool(self.actors)
         since = time.monotonic()
-        while self._queue or running:
+        while self._queue or pool.running:
             now = time.monotonic()
-            for number in sorted(busy, key=busy.__getitem__):
-                if self._queue and self._queue[-1][0] <= now and busy[number] < IN_FLIGHT:
-                    _, task = self._queue.pop()
-                    study = task.study_instance_uid
-                    self._attempts[study] = self._attempts.get(study, 0) + 1
-                    running[self.actors[number].process.remote(task)] = (task, number)
-                    busy[number] += 1
-            if not busy and not starting:
+            pool.probe_restarted(now)
+            while self._queue and self._queue[-1][0] <= now:
+                number = pool.least_busy()
+                if number is None:
+                    break
+                _, task = self._queue.pop()
+                study = task.study_instance_uid
+                self._attempts[study] = self._attempts.get(study, 0) + 1
+                pool.send(number, task)
+            if pool.all_lost():
                 yield from self._fail_all("no Ray actor could start (see the log)")
                 return
-            if starting and time.monotonic() - since > STARTUP_WARNING_S:
-                self._warn_starting(len(starting))
+            if not pool.ready and time.monotonic() - since > STARTUP_WARNING_S:
+                self._warn_starting(len(self.actors))
                 since = float("inf")
-            wake = max(0.05, self._queue[-1][0] - now) if self._queue else 1.0
-            done, _ = ray.wait([*running, *starting], num_returns=1, timeout=wake)
+            done = pool.wait(self._queue[-1][0] - now if self._queue else 1.0)
             for ref in done:
-                if ref in starting:
-                    number = starting.pop(ref)
-                    if self._started(ref, number):
-                        busy[number] = 0
+                if ref in pool.probes:
+                    pool.answered(ref)
                     continue
-                task, number = running.pop(ref)
-                busy[number] -= 1
-                entry = self._entry(ref, task)
-                if entry is not None:
-                    yield task, entry
-
-    def _started(self, ref: Any, number: int) -> bool:
-        try:
-            ray.get(ref)
-        except RayError as exc:
-            log.error("Ray actor %d could not start: %s", number, exc)
-            return False
-        return True
+                task, number = pool.running.pop(ref)
+                try:
+                    entry, node = ray.get(ref)
+                except RayActorError as exc:
+                    pool.restarting(number)
+                    lost = self._died(task, exc)
+                    if lost is not None:
+                        yield task, lost
+                    continue
+                except RayError as exc:
+                    log.error(
+                        "study %s (%s) failed on Ray: %s",
+                        task.study_instance_uid,
+                        task.input_folder,
+                        exc,
+                    )
+                    yield (
+                        task,
+                        {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"},
+                    )
+                    continue
+                pool.ran_on(number, node)
+                self.placement[task.study_instance_uid] = node
+                log.info("study %s: processed on node %s", task.study_instance_uid, node)
+                yield task, dict(entry)
 
     def _warn_starting(self, count: int) -> None:
         ray_settings = self.config.ray
         log.warning(
-            "%d Ray actor(s) not started after %.0f s: does the cluster have %s CPU and %s "
-            "GPU free for each? (the others go on)",
+            "no Ray actor (of %d) has answered for %.0f s: does the cluster have %s CPU and "
+            "%s GPU free for each?",
             count,
             STARTUP_WARNING_S,
             ray_settings.num_cpus,
@@ -313,32 +411,24 @@ class RayStudyRunner:
             yield task, {"state": "failed", "error": reason}
         self._queue = []
 
-    def _entry(self, ref: Any, task: StudyTask) -> dict[str, Any] | None:
-        """The study's manifest entry; None when its actor died and it is sent again."""
+    def _died(self, task: StudyTask, exc: RayActorError) -> dict[str, Any] | None:
+        """The study's actor died: None when it is sent again after the back-off, its
+        manifest entry (failed) after ``[jobs].max_attempts``."""
         study = task.study_instance_uid
-        try:
-            entry, node = ray.get(ref)
-        except RayActorError as exc:
-            attempt = self._attempts[study]
-            if attempt >= self.config.jobs.max_attempts:
-                return self._lost(task, attempt, exc)
-            delay = self.config.jobs.delay(attempt)
-            log.warning(
-                "study %s (%s): its Ray worker died (%s); sent again in %.0f s",
-                study,
-                task.input_folder,
-                type(exc).__name__,
-                delay,
-            )
-            self._queue.append((time.monotonic() + delay, task))
-            self._queue.sort(key=lambda item: -item[0])
-            return None
-        except (RayTaskError, RayError) as exc:
-            log.error("study %s (%s) failed on Ray: %s", study, task.input_folder, exc)
-            return {"state": "failed", "error": f"unexpected {type(exc).__name__}: {exc}"}
-        self.placement[study] = node
-        log.info("study %s: processed on node %s", study, node)
-        return dict(entry)
+        attempt = self._attempts[study]
+        if attempt >= self.config.jobs.max_attempts:
+            return self._lost(task, attempt, exc)
+        delay = self.config.jobs.delay(attempt)
+        log.warning(
+            "study %s (%s): its Ray worker died (%s); sent again in %.0f s",
+            study,
+            task.input_folder,
+            type(exc).__name__,
+            delay,
+        )
+        self._queue.append((time.monotonic() + delay, task))
+        self._queue.sort(key=lambda item: -item[0])
+        return None
 
     def _lost(self, task: StudyTask, attempts: int, exc: RayActorError) -> dict[str, Any]:
         log.error(

@@ -1,5 +1,5 @@
 """A real local Ray cluster for the tests and ``benchmarks/ray_batch.py``: a head and a
-second node (``ray start --block``, each in its own process group, so that killing the group
+second node (``ray start --block``, each in its own session, so that killing the session
 kills that node's raylet, agents and actors and nothing else).
 
 Everything runs in a network namespace of its own with only a loopback interface
@@ -51,6 +51,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def session_members(sid: int) -> list[int]:
+    """The processes whose session is ``sid`` (from ``/proc/<pid>/stat``)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # After "(comm)": state, ppid, pgrp, session, ...
+        if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
+            members.append(int(entry.name))
+    return members
 
 
 class LoopbackNamespace:
@@ -121,7 +137,7 @@ class RayCluster:
         return env
 
     def command(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` inside the cluster's network (its own process group)."""
+        """Start ``argv`` inside the cluster's network (a session of its own)."""
         kwargs.setdefault("env", self.env())
         return subprocess.Popen([*self.prefix, *argv], start_new_session=True, **kwargs)
 
@@ -140,10 +156,13 @@ class RayCluster:
 
     @staticmethod
     def kill(p: subprocess.Popen[Any]) -> None:
-        """SIGKILL ``p``'s process group (it was started in its own)."""
+        """SIGKILL every process of ``p``'s session (it was started in its own): Ray's
+        workers put themselves in process groups of their own, but stay in the session
+        of the ``ray start`` that spawned them."""
         if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            for pid in session_members(p.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         p.wait()
 
     def _start(self, name: str, args: list[str], timeout: float = 90.0) -> None:

@@ -5,7 +5,7 @@ is not DICOM) and the same folder converted by the local batch, when it is conve
 cluster, then the result files are the local ones (:mod:`scale.outputs`), the studies were
 spread over both nodes, the failed study is reported and the others are done; a second run
 skips what is done.  And when the second node is killed mid-batch, every study still gets
-exactly its results.
+exactly its results: the studies it held are sent again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -129,14 +128,28 @@ def test_batch_on_two_nodes_is_the_local_batch_and_resumes(
     assert_same_results(tmp_path / "local", tmp_path / "out")
 
 
+def sent_to(log: str, node: str) -> set[str]:
+    """The studies the driver has sent to an actor on ``node``."""
+    return set(re.findall(rf"study (\S+) \([^)]*\): sent to actor \d+ on node {node}", log))
+
+
+def in_hand(log: str, node: str) -> set[str]:
+    """The studies the driver has sent to an actor on ``node`` and not had back."""
+    sent = sent_to(log, node)
+    back = re.findall(r"study (\S+)(?: \([^)]*\))?: (?:processed on node|its Ray worker)", log)
+    return sent - set(back)
+
+
 def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_path: Path) -> None:
+    from dicomnode.app.raybackend import IN_FLIGHT  # Ray is there: the cluster started
+
     config = write_config(tmp_path)
-    # Studies that take a while each, so that one is in flight on the second node when it dies
-    write_studies(tmp_path / "in", 12, PhantomSpec(rows=256, columns=256, slices=40, lesions=()))
+    count = 16
+    write_studies(tmp_path / "in", count, PhantomSpec(rows=256, columns=256, slices=40, lesions=()))
     local = run_batch(
         load_config(config), tmp_path / "in", tmp_path / "local", progress=False, created=CREATED
     )
-    assert len(local.done) == 12
+    assert len(local.done) == count
     second = two_nodes.node_ids()["second"]
     manifest, log = tmp_path / "out" / "manifest.json", tmp_path / "driver.log"
     with log.open("w") as stderr:
@@ -147,18 +160,17 @@ def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_
             text=True,
         )
         try:
-            # Its actor has started and has studies in hand: the next is sent when one is done.
+            # Its actor holds two studies (one running, the next waiting): however quickly
+            # the running one ends, the other is still there when the node is killed.
             wait_until(
                 lambda: (
-                    f"processed on node {second}" in log.read_text() or driver.poll() is not None
+                    len(in_hand(log.read_text(), second)) == IN_FLIGHT or driver.poll() is not None
                 ),
                 180,
-                "a study processed on the second node",
-                interval=0.02,
+                "two studies in hand on the second node",
+                interval=0.01,
             )
-            # The driver logs a study's result before it sends that actor the next one: a
-            # moment later (a study takes about a second) the next is in flight there.
-            time.sleep(0.3)
+            held = in_hand(log.read_text(), second)
             finished = 0
             with contextlib.suppress(FileNotFoundError):
                 finished = len(json.loads(manifest.read_text())["studies"])
@@ -169,13 +181,21 @@ def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_
         finally:
             two_nodes.kill(driver)
     err = log.read_text()
-    assert finished < 12, "the node was killed after the last study"
+    assert len(held) == IN_FLIGHT, f"the batch ended first: {err[-3000:]}"
+    assert finished < count, "the node was killed after the last study"
     assert driver.returncode == 0, err[-3000:]
-    assert "12 done, 0 skipped" in out and "0 failed" in out
-    assert "its Ray worker died" in err and "sent again" in err, "no study was in flight there"
+    assert f"{count} done, 0 skipped" in out and "0 failed" in out
+    deaths = re.findall(r"study (\S+) \([^)]*\): its Ray worker died \(\w+\); sent again", err)
+    died = set(deaths)
+    # Nothing is sent to the actor while Ray restarts it (that would only spend attempts)
+    assert len(deaths) == len(died), f"a study died twice: {deaths}"
+    # At least the one waiting behind the running one (a study takes about half a second);
+    # a study sent there between the look and the kill may have died too.
+    assert died & held and died <= sent_to(err, second), f"in hand {held}, sent again {died}"
     assert_same_results(tmp_path / "local", tmp_path / "out")
-    nodes = [node for _, node in PLACED.findall(err)]
-    assert len(nodes) == 12 and second in nodes
+    placed = dict(PLACED.findall(err))
+    assert len(placed) == count
+    assert all(placed[study] != second for study in died), "processed on the dead node"
 
 
 def test_ray_asked_for_but_not_installed_says_how_to_install(tmp_path: Path) -> None:
