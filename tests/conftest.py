@@ -7,6 +7,7 @@ peers are installed by ``.ci/run`` and a skip would hide a broken setup.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -76,6 +77,19 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{message}; peers are required in CI", pytrace=False)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    """A test that runs the CLI in this process configures the root logger (level INFO, the
+    node's stderr handler): take that back afterwards, or the threads of later tests' nodes
+    print their INFO lines into the test run's own output."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before and h.get_name() == "dicomnode"]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(name="require_tool")
