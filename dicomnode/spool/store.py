@@ -537,6 +537,8 @@ class Spool:
         while not self._stopping.is_set():
             left = max(0.0, next_at - time.monotonic())
             if receive_log is not None and receive_log.spare_wanted.wait(left):
+                if self._stopping.is_set():  # woken by close(): no spare to prepare
+                    break
                 try:
                     receive_log.prepare_spare()
                 except OSError as exc:  # a full disk: stores refuse; tried at the next one
@@ -593,6 +595,10 @@ class Spool:
             thread.join(10)
         self._stopping.set()
         if self._checkpointer is not None:
+            with self._log_lock:
+                current = self._log
+            if current is not None:
+                current.spare_wanted.set()  # wakes the checkpointer now, not at its interval
             self._checkpointer.join(30)
             self._checkpointer = None
         with self._checkpoint_lock, self._log_lock:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,9 @@ def test_a_clean_close_leaves_no_live_segment(tmp_path: Path, phantom_files: lis
     for path in phantom_files[:3]:
         body = path.read_bytes()
         spool.store(body, calling_ae="PACS", calling_host="h", header=read_header(body))
+    started = time.monotonic()
     spool.close()
+    # The checkpoint thread is woken, not waited for until its interval (an hour here)
+    assert time.monotonic() - started < 10
     assert journal.segment_files(tmp_path) == []
     assert _spool(tmp_path).recover() == 0
