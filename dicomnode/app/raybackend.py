@@ -307,6 +307,8 @@ class _ActorPool:
                 self.probes[self.actors[number].node_id.remote()] = number
 
     def ran_on(self, number: int, node: str) -> None:
+        """Where the actor answered a call from (Ray may have restarted it elsewhere while
+        it held nothing)."""
         if number in self.ready:
             self.ready[number] = node
 
@@ -361,7 +363,9 @@ class RayStudyRunner:
             if pool.all_lost():
                 yield from self._fail_all("no Ray actor could start (see the log)")
                 return
-            if not pool.ready and time.monotonic() - since > STARTUP_WARNING_S:
+            if pool.ready:
+                since = time.monotonic()
+            elif time.monotonic() - since > STARTUP_WARNING_S:
                 self._warn_starting(len(self.actors))
                 since = float("inf")
             done = pool.wait(self._queue[-1][0] - now if self._queue else 1.0)

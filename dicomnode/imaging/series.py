@@ -199,19 +199,20 @@ def load_stack(choice: StackChoice) -> Volume:
     builder = _VolumeBuilder(count)
     known = len(choice.headers) == len(choice.paths)
     for index, (path, frames) in enumerate(zip(choice.paths, choice.frames, strict=True)):
-        # The header read for the choice, its pixel data read from the file now (a choice
-        # loaded before has given its pixel data back: the file is read again).
+        # The header read for the choice, its pixel data read from the file now; a choice
+        # loaded before has given its pixel data back, so its file is read again.
         header = choice.headers[index] if known else None
-        deferred = header is not None and "PixelData" in header
+        if header is not None and "PixelData" not in header:
+            header = None
         try:
-            ds = header if header is not None and deferred else pydicom.dcmread(path)
+            ds = header if header is not None else pydicom.dcmread(path)
             builder.add(ds, str(path), index, frames)
         except (InvalidDicomError, OSError) as exc:
             raise ImagingError(f"{path}: not a readable DICOM file: {exc}") from exc
         except UNREADABLE as exc:
             raise ImagingError(f"{path}: unreadable file ({type(exc).__name__}: {exc})") from exc
         finally:
-            if header is not None and deferred:
+            if header is not None:
                 del header.PixelData  # the header stays, not the pixels
     return builder.build(choice.paths)
 

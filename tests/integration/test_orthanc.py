@@ -125,9 +125,9 @@ def test_a_pacs_forwarding_every_stable_study_gets_one_seg_and_one_sr(
 ) -> None:
     """The loop of issue 8: Orthanc forwards every stable study, the node's results
     included, back to the node.  Before the fix the PACS grew from 1 to 28 series in
-    150 s.  For two minutes of quiet periods the PACS must hold exactly one SEG and one SR
-    and the node exactly one job (once the results came back, for 30 s: before the fix
-    a new series came every 5 s)."""
+    150 s, a new series about every 5 s.  From the results' first return to the node and
+    for 30 s after it, the PACS must hold exactly one SEG and one SR and the node exactly
+    one job."""
     with orthanc_with_node(
         require_tool("Orthanc"),
         tmp_path / "orthanc",
