@@ -134,7 +134,10 @@ class NodeSettings:
     ae_title: AeTitle = "DICOMNODE"
     bind_address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
-    max_associations: Annotated[int, Field(ge=1)] = 8
+    max_associations: Annotated[
+        int,
+        Field(ge=1, description="open at once on the node's port, all receivers together"),
+    ] = 8
     max_pdu: Annotated[int, Field(ge=0, description="0: unlimited, else >= 4096")] = 131072
     network_timeout_s: Positive = 60.0
     data_dir: ConfigPath = Path("var/dicomnode")

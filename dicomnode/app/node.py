@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from functools import partial
 from importlib.util import find_spec
 from multiprocessing.connection import Connection
@@ -83,7 +83,16 @@ class Node:
         self.audit = AuditLog(config.node.audit_path)
         self.spool = make_spool(config, self.index)
         self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
-        self.scp = make_scp(config, self.spool, self.audit, self.catalog)
+        #: One association count per receiving process, in shared memory: the limit of
+        #: ``max_associations`` is the node's, whichever process a connection lands on.
+        self._association_slots: MutableSequence[int] | None = (
+            mp.get_context("spawn").RawArray("i", config.node.receivers)
+            if config.node.receivers > 1
+            else None
+        )
+        self.scp = make_scp(
+            config, self.spool, self.audit, self.catalog, count_slots=self._association_slots
+        )
         self.scheduler = Scheduler(
             self.index,
             self.jobs,
@@ -252,7 +261,15 @@ class Node:
         reader, writer = context.Pipe(duplex=False)
         p = context.Process(
             target=receiver_main,
-            args=(self.config, number, self.port, os.getpid(), writer, self.log_format),
+            args=(
+                self.config,
+                number,
+                self.port,
+                os.getpid(),
+                writer,
+                self._association_slots,
+                self.log_format,
+            ),
             name=f"dicomnode-receiver-{number}",
             daemon=False,
         )

@@ -16,8 +16,10 @@ results to the outbox, back off or dead-letter) with one actor of the cluster
 
 A node of the cluster that dies mid-job costs nothing: the actor is restarted on a node with
 room (``max_restarts = -1``), the job fails transiently (:class:`RayWorkerLostError`) and
-the queue runs it again after its back-off (a restarting actor refuses calls, so Ray's own
-call retries would be spent at once), up to ``[jobs].max_attempts`` times.  Nothing is
+the queue runs it again after its back-off, up to ``[jobs].max_attempts`` times.  A
+restarting actor refuses calls at once, so Ray's own call retries would be spent in
+milliseconds, and so would the attempts of every job its thread took next: the thread takes
+no job until its actor answers again (probed every ``RESTART_PROBE_S``).  Nothing is
 acknowledged or delivered from the cluster: instances are acknowledged when they are in the
 node's spool, and results are queued only once they are on the node's disk.  A job run
 twice writes the same files (UIDs from seeds), the second copy replacing the first.
@@ -30,16 +32,23 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from dicomnode.app.processor import JobOutcome, Processor
-from dicomnode.app.raybackend import actor_options, connect, share_threads, worker_stats
-from dicomnode.app.worker import WorkerContext, work
+from dicomnode.app.raybackend import (
+    RESTART_PROBE_S,
+    actor_options,
+    connect,
+    share_threads,
+    worker_stats,
+)
+from dicomnode.app.worker import WorkerContext, run_one
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.fsutil import write_bytes_atomically
@@ -146,6 +155,10 @@ class JobWorker:
             node_id=ray.get_runtime_context().get_node_id(),
         )
 
+    def node_id(self) -> str:
+        """The node this actor runs on (the probe of a restarting actor)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     def stats(self) -> dict[str, Any]:
         return worker_stats()
 
@@ -181,11 +194,50 @@ class RayJobs:
         """Thread ``number``'s job loop, with actor ``number``, until ``stop`` is set."""
         ctx = WorkerContext.open(self.config)
         actor = self.actors[number]
+        lost = threading.Event()
 
         def process(job: Job, destinations: list[str]) -> JobOutcome:
-            return self.process(ctx, actor, job, destinations)
+            try:
+                return self.process(ctx, actor, job, destinations)
+            except RayWorkerLostError:
+                lost.set()
+                raise
 
-        work(ctx, process, stop)
+        while not stop.is_set():
+            if lost.is_set():  # the job went back to the queue; take none until it answers
+                lost.clear()
+                if not self.await_actor(number, stop):
+                    return  # its job loop ends: /readyz says so
+            elif run_one(ctx, process) is None:
+                stop.wait(0.2)
+
+    def await_actor(self, number: int, stop: threading.Event, warn_after_s: float = 60.0) -> bool:
+        """Wait until actor ``number`` answers (Ray restarts it on a node with room): True;
+        False when ``stop`` is set first or Ray gave up on the actor."""
+        actor = self.actors[number]
+        log.info("Ray actor %d is restarting", number)
+        started = warned = time.monotonic()
+        while not stop.is_set():
+            try:
+                node = ray.get(actor.node_id.remote(), timeout=10 * RESTART_PROBE_S)
+            except (ActorUnavailableError, GetTimeoutError):
+                now = time.monotonic()
+                if now - warned >= warn_after_s:
+                    warned = now
+                    log.warning(
+                        "Ray actor %d has not answered for %.0f s (no node of the cluster "
+                        "has room for it?); its jobs wait for the other actors",
+                        number,
+                        now - started,
+                    )
+                stop.wait(RESTART_PROBE_S)
+                continue
+            except RayActorError as exc:  # dead for good (Ray gave up restarting it)
+                log.error("Ray actor %d is lost: %s; its job loop ends", number, exc)
+                return False
+            log.info("Ray actor %d answers on node %s", number, node)
+            return True
+        return False
 
     def inputs(self, ctx: WorkerContext, job: Job) -> JobInputs:
         data_dir = self.config.node.data_dir

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from multiprocessing.connection import Connection
 from types import FrameType
 
@@ -71,8 +71,12 @@ def make_scp(
     catalog: Catalog,
     *,
     port: int | None = None,
+    count_slots: MutableSequence[int] | None = None,
+    number: int = 0,
 ) -> StorageSCP:
-    """The node's SCP; with more than one receiver, bound with ``SO_REUSEPORT``."""
+    """The SCP of receiver ``number`` (the node's own is 0); with more than one
+    receiver, bound with ``SO_REUSEPORT`` and counting its associations in
+    ``count_slots`` (one per receiver, shared memory: ``max_associations`` is the node's)."""
     settings = config.node if port is None else dataclasses.replace(config.node, port=port)
     scp = StorageSCP(
         settings,
@@ -81,6 +85,8 @@ def make_scp(
         catalog=catalog,
         remotes=config.remotes,
         reuse_port=config.node.receivers > 1,
+        count_slots=count_slots,
+        count_slot=number,
     )
     scp.completes_after_s = config.completeness.quiet_period_s
     return scp
@@ -92,6 +98,7 @@ def receiver_main(
     port: int,
     parent: int,
     metrics: Connection,
+    count_slots: MutableSequence[int],
     log_format: LogFormat = "text",
 ) -> None:
     """Entry point of receiver process ``number``: the SCP on ``port`` until SIGTERM, then
@@ -121,7 +128,8 @@ def receiver_main(
             return None
 
     catalog = Catalog(index, results_root(config.node.data_dir), job_state)
-    scp = make_scp(config, spool, AuditLog(config.node.audit_path), catalog, port=port)
+    audit = AuditLog(config.node.audit_path)
+    scp = make_scp(config, spool, audit, catalog, port=port, count_slots=count_slots, number=number)
     observer = PipeReceiveObserver(metrics)
     scp.observer = observer
     scp.start()

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from dicomnode.net.receive import (
     receive_logged,
 )
 from dicomnode.net.tls import server_context
-from dicomnode.net.ul import AssociateRequest, FastPath
+from dicomnode.net.ul import AssociateRequest, AssociationCount, FastPath
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.query import Catalog
@@ -91,6 +91,29 @@ class ReceiveObserver(Protocol):
     def association(self, summary: AssociationSummary) -> None: ...
 
 
+class _NodeAE(AE):
+    """pynetdicom's AE whose association limit is the node's: its acceptor rejects when its
+    own associations exceed ``maximum_associations``, so that is the configured limit less
+    the connections open elsewhere (the fast path, the other receiving processes)."""
+
+    #: Connections open on the port that are not this process's pynetdicom acceptors.
+    elsewhere: Callable[[], int] | None = None
+
+    @property
+    def limit(self) -> int:
+        """The configured limit (``max_associations``)."""
+        return self._maximum_associations
+
+    @property
+    def maximum_associations(self) -> int:
+        limit = self._maximum_associations
+        return limit if self.elsewhere is None else limit - self.elsewhere()
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
+
+
 class StorageSCP:
     """Runs the node's listening AE: C-ECHO, C-STORE into the spool and, given a
     ``catalog``, Query/Retrieve (C-FIND, C-GET, C-MOVE to ``remotes``: :mod:`.qr`)."""
@@ -110,9 +133,16 @@ class StorageSCP:
         catalog: Catalog | None = None,
         remotes: tuple[Remote, ...] = (),
         reuse_port: bool = False,
+        count_slots: MutableSequence[int] | None = None,
+        count_slot: int = 0,
     ) -> None:
+        """``count_slots``/``count_slot``: the shared association count of the receiving
+        processes on the port and this one's place in it (:class:`AssociationCount`)."""
         patches.check_pynetdicom()
         self.reuse_port = reuse_port
+        #: Connections open on the port, both paths, every receiving process.
+        self.count = AssociationCount(count_slots, count_slot)
+        self._slow = 0  # of them, this process's pynetdicom associations
         self.settings = settings
         self.spool = spool
         self.audit = audit or AuditLog(None)
@@ -126,7 +156,7 @@ class StorageSCP:
         self._associations: dict[object, AssociationSummary] = {}
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
-        self.ae = self._make_ae()
+        self.ae: _NodeAE = self._make_ae()
         #: The receive fast path (:mod:`.ul`), off with TLS or ``fast_receive = false``.
         self.fast: FastPath | None = None
         if settings.fast_receive and not settings.tls.enabled:
@@ -137,12 +167,14 @@ class StorageSCP:
                 memory_bytes=settings.receive_in_memory_mb * 2**20,
                 timeout=settings.network_timeout_s,
                 acse_timeout=lambda: float(self.ae.acse_timeout or 30.0),
+                count=self.count,
             )
 
-    def _make_ae(self) -> AE:
+    def _make_ae(self) -> _NodeAE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        ae = _NodeAE(ae_title=s.ae_title)
         ae.maximum_associations = s.max_associations
+        ae.elsewhere = lambda: self.count.total - self._slow
         ae.maximum_pdu_size = s.max_pdu
         ae.network_timeout = s.network_timeout_s
         ae.acse_timeout = min(30.0, s.network_timeout_s)
@@ -388,17 +420,38 @@ class StorageSCP:
             refusal = (1, 1, 3, f"calling AE title {calling!r} at {host} is not an allowed caller")
         elif self.settings.require_called_ae and called != own:
             refusal = (1, 1, 7, f"called AE title {called!r} is not this node's ({own!r})")
-        elif self._active_associations() > self.ae.maximum_associations:
-            limit = self.ae.maximum_associations
-            refusal = (2, 3, 2, f"too many associations (max_associations = {limit})")
+        elif self.count.total > self.ae.limit:
+            refusal = (2, 3, 2, self._too_many())
         if refusal is not None:
             self._rejected(calling, host, called, refusal[3])
         return refusal
 
-    def _active_associations(self) -> int:
-        server = self._server
-        slow = 0 if server is None else len(server.active_associations)
-        return slow + (self.fast.active if self.fast is not None else 0)
+    def _too_many(self) -> str:
+        limit = self.ae.limit
+        if not self.reuse_port:
+            return f"too many associations (max_associations = {limit})"
+        return (
+            f"too many associations (max_associations = {limit}, all receiving processes; "
+            f"{self.count.own} in this one)"
+        )
+
+    def _count_slow(self, assoc: Any) -> None:
+        """Count a pynetdicom association from its connection until its thread ends
+        (called before the thread starts)."""
+        with self._lock:
+            self._slow += 1
+        self.count.change(1)
+        run = assoc.run
+
+        def counted_run() -> None:
+            try:
+                run()
+            finally:
+                self.count.change(-1)
+                with self._lock:
+                    self._slow -= 1
+
+        assoc.run = counted_run
 
     def association_event(self, key: object, calling_ae: str, host: str, outcome: str) -> None:
         """An association accepted, released or aborted: audit, closing line, metrics."""
@@ -431,6 +484,7 @@ class StorageSCP:
     def _log_open(self, event: Event) -> None:
         """Runs before the association starts: install the host check and the guards
         against malformed input (:mod:`dicomnode.net.patches`), log the connection."""
+        self._count_slow(event.assoc)
         if any(c.hosts for c in self.settings.allowed_callers):
             patches.check_caller_host(event.assoc, self._caller_allowed)
         patches.guard_association(event.assoc, self.settings.max_pdu)
@@ -446,13 +500,12 @@ class StorageSCP:
         calling = str(assoc.requestor.ae_title).strip()
         host = str(assoc.requestor.address)
         own = self.settings.ae_title
-        limit = self.settings.max_associations
         if self.settings.require_called_ae and called and called != own:
             return called, f"called AE title {called!r} is not this node's ({own!r})"
         if not self._caller_allowed(calling, host):
             return called, f"calling AE title {calling!r} at {host} is not an allowed caller"
-        if len(assoc.ae.active_associations) > limit:
-            return called, f"too many associations (max_associations = {limit})"
+        if self.count.total > self.ae.limit:
+            return called, self._too_many()
         return called, "refused in negotiation (user identity)"
 
     def _log_rejected(self, event: Event) -> None:

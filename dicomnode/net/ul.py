@@ -33,7 +33,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -678,9 +678,42 @@ class StorageAssociation:
         return view[:count]
 
 
+class AssociationCount:
+    """The connections open on the node's port, both paths, in this process and in the
+    other receiving processes on the port (``[node].receivers``): ``max_associations`` is
+    the node's limit, whichever process the kernel hands a connection to.
+
+    ``slots`` holds one count per receiving process (shared memory, made by the node);
+    each process writes only its own, under a lock of its own, and clears it when it
+    starts, so a receiver killed with associations open leaves no count behind for its
+    successor.  Without ``slots`` the count is this process's alone."""
+
+    def __init__(self, slots: MutableSequence[int] | None = None, own: int = 0) -> None:
+        self._slots: MutableSequence[int] = [0] if slots is None else slots
+        self._own = own if slots is not None else 0
+        self._lock = threading.Lock()
+        self._slots[self._own] = 0
+
+    def change(self, delta: int) -> None:
+        with self._lock:
+            self._slots[self._own] += delta
+
+    @property
+    def total(self) -> int:
+        """Open on the port, every process."""
+        return sum(self._slots[:])
+
+    @property
+    def own(self) -> int:
+        """Open in this process."""
+        return self._slots[self._own]
+
+
 class FastPath:
     """Decides per accepted connection whether the fast path serves it, and keeps count of
-    the associations it serves (``max_associations`` counts both paths)."""
+    the associations it serves (in ``count`` too: ``max_associations`` counts both paths
+    and every receiving process).
+    """
 
     def __init__(
         self,
@@ -691,8 +724,10 @@ class FastPath:
         timeout: float,
         acse_timeout: Callable[[], float],
         memory_bytes: int = 16 * 2**20,
+        count: AssociationCount | None = None,
     ) -> None:
         self.service = service
+        self.count = count or AssociationCount()
         self.max_pdu = max_pdu
         self.max_instance_bytes = max_instance_bytes
         self.memory_bytes = memory_bytes
@@ -735,9 +770,11 @@ class FastPath:
         with self._idle:
             self._active += 1
             self.served += 1  # associations taken (counted before the peer can see the end)
+        self.count.change(1)
         try:
             association.serve(raw)
         finally:
+            self.count.change(-1)
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()

@@ -12,8 +12,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from dicomnode.app.node import Node
 from dicomnode.db import Database
@@ -26,11 +33,12 @@ from dicomnode.synthetic.phantom import PhantomSpec, generate_phantom, write_pha
 SPEC = PhantomSpec(rows=128, columns=128, slices=16, pixel_spacing=(2.0, 2.0), n_lesions=1)
 
 
-def _node(node_factory: Callable[..., Node], receivers: int) -> Node:
+def _node(node_factory: Callable[..., Node], receivers: int, max_associations: int = 16) -> Node:
     base = node_factory(start=False, quiet_period_s=3600.0, pacs_port=9)
-    config = dataclasses.replace(
-        base.config, node=dataclasses.replace(base.config.node, receivers=receivers)
+    settings = dataclasses.replace(
+        base.config.node, receivers=receivers, max_associations=max_associations
     )
+    config = dataclasses.replace(base.config, node=settings)
     node = Node(config)
     node.start()
     return node
@@ -60,6 +68,15 @@ def _send_all(node: Node, studies: list[list[Path]]) -> dict[Path, int | None]:
     for t in threads:
         t.join(120)
     return answered
+
+
+def _open_on_port(node: Node, expected: int = 0, timeout: float = 10.0) -> int:
+    """The connections the receivers count, once it is ``expected`` or ``timeout`` passed."""
+    assert node._association_slots is not None
+    deadline = time.monotonic() + timeout
+    while sum(node._association_slots[:]) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sum(node._association_slots[:])
 
 
 def _owners(node: Node) -> set[str]:
@@ -132,5 +149,47 @@ def test_a_receiver_killed_mid_transfer_loses_nothing_acknowledged(
         # And what was not acknowledged is accepted when sent again
         again = _send_all(node, studies)
         assert set(again.values()) == {status.SUCCESS}
+        # And the associations the dead receiver held no longer count against the limit
+        assert node._association_slots is not None
+        assert _open_on_port(node) == 0
     finally:
         node.stop(timeout=30)
+
+
+def test_the_association_limit_is_the_nodes_not_each_receivers(
+    node_factory: Callable[..., Node],
+) -> None:
+    node = _node(node_factory, receivers=2, max_associations=4)
+    try:
+        # Given four associations held open, two on each path (Verification alone is served
+        # by the fast path; one that also asks for C-FIND goes to pynetdicom)
+        held = [_associate(node, query=i % 2 == 1) for i in range(4)]
+        assert all(a.is_established for a in held)
+        assert _open_on_port(node, 4) == 4
+        # When more callers come, whichever receiving process the kernel hands them to
+        refused = [_associate(node, query=i % 2 == 1) for i in range(8)]
+        # Then each is refused: transient, service provider (presentation), local limit
+        for assoc in refused:
+            assert assoc.is_rejected
+            answer: Any = assoc.acceptor.primitive
+            assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
+        # And once one of the four is released, the next caller is accepted
+        held[0].release()
+        assert _open_on_port(node, 3) == 3
+        again = _associate(node, query=True)
+        assert again.is_established
+        again.release()
+        for assoc in held[1:]:
+            assoc.release()
+        assert _open_on_port(node, 0) == 0
+    finally:
+        node.stop(timeout=30)
+
+
+def _associate(node: Node, *, query: bool) -> Association:
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = 10
+    ae.add_requested_context(Verification)
+    if query:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    return ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")

@@ -146,7 +146,12 @@ def test_the_whole_loop_corrections_in_better_model_out_worse_refused(
         ]
         corrected = []
         for i, found in enumerate(lesions):
-            phantom = generate_phantom(make_spec(40 + i, found))
+            # Fixed study UIDs: the node keeps corrections under feedback/<study UID>/, and
+            # training orders (and splits) its cases by path: random UIDs would make the
+            # fine-tuned model, and so the gate's verdict, differ from run to run
+            uid = f"1.2.826.0.1.3680043.8.498.4040{i}"
+            spec = make_spec(40 + i, found, study_instance_uid=uid, series_instance_uid=f"{uid}.1")
+            phantom = generate_phantom(spec)
             files = write_phantom(phantom, tmp_path / f"study-{i}")
             assert all(
                 r.ok for r in send_files(Peer("DICOMNODE", "127.0.0.1", node.port), files, "PACS")
