@@ -56,9 +56,10 @@ from dicomnode.spool.journal import (
 log = logging.getLogger(__name__)
 
 SPOOL_DIR = "spool"
-#: Free space kept, beyond an instance and its file system blocks, for what is written after
-#: its acknowledgement: its index row (write-ahead log pages), the audit line.
-INDEX_SLACK = 256 * 2**10
+#: Free space held, beyond an instance and its file system blocks, for what is written after
+#: its acknowledgement: its index row (SQLite appends about 26 KiB of write-ahead log pages
+#: per instance, measured), the audit line.
+INDEX_SLACK = 64 * 2**10
 
 
 class StoreOutcome(Enum):
@@ -81,6 +82,8 @@ class Pending:
     ticket: int
     #: The SHA-256 of the whole file (computed as it arrived).
     sha256: str
+    #: Free space held for its spool file and index row until they are written.
+    reserved: int = 0
 
 
 SpoolQueue = queue.Queue[tuple[Pending, Callable[[StoreOutcome], None] | None] | None]
@@ -180,6 +183,9 @@ class Spool:
         self._stopping = threading.Event()
         self._checkpoint_lock = threading.Lock()
         self._free_estimate, self._free_at = 0, 0.0
+        #: Bytes held for instances acknowledged (in the log) and not yet spooled.
+        self._unspooled = 0
+        self._space_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
@@ -188,14 +194,16 @@ class Spool:
 
     def check_space(self, incoming: int = 0) -> None:
         """Raise :class:`OutOfResourcesError` when ``incoming`` bytes would leave less than
-        the watermark free.  Far from the watermark the free space is estimated (asked of
-        the file system every 0.2 s), near it asked every time."""
+        the watermark free, counting the space held for instances acknowledged and not yet
+        spooled.  Far from the watermark the free space is estimated (asked of the file
+        system every 0.2 s), near it asked every time."""
         now = time.monotonic()
+        held = self._unspooled
         estimate = self._free_estimate - incoming
-        if now - self._free_at > 0.2 or estimate < self.min_free_bytes + 256 * 2**20:
+        if now - self._free_at > 0.2 or estimate - held < self.min_free_bytes + 256 * 2**20:
             self._free_estimate, self._free_at = self.free_bytes(), now
             estimate = self._free_estimate - incoming
-        free = estimate + incoming
+        free = estimate + incoming - held
         self._free_estimate = estimate  # the instance's bytes are about to be written
         if free - incoming < self.min_free_bytes:
             self._free_estimate = free
@@ -236,6 +244,7 @@ class Spool:
         try:
             outcome = self.spool_logged(pending)
         except BaseException:
+            self._release(pending.reserved)
             self.receive_log().applied(pending.segment, None)  # refused: not stored
             self.buffers.give(buffer)
             raise
@@ -255,25 +264,32 @@ class Spool:
         (durable after :meth:`wait_durable`); raises :class:`OutOfResourcesError` below
         the watermark (room for the spool file) or when the disk is full."""
         # Room for the spool file and the index row written after the answer, with slack
-        # for file system blocks, the WAL and the audit line: a full disk then refuses
-        # the instance here rather than failing behind an acknowledgement.  SQLite appends
-        # every transaction's pages to its write-ahead log until it wraps (measured: about
-        # 26 KiB per instance, 2.7 KiB/s of checkpoints on an idle node).  With 64 KiB of
-        # slack, an instance acknowledged with 300 KiB free failed to be indexed about once
-        # in ten (tests/faults/test_disk_full.py; it stayed in the receive log): more went
-        # than the WAL explains, and what else took it (a spare log segment being
-        # zero-filled?) is not known; 256 KiB is a margin, not a bound.
-        self.check_space(buffer.length + buffer.length // 8 + INDEX_SLACK)
+        # for file system blocks, the WAL and the audit line, held until they are written:
+        # a full disk then refuses the instance here rather than failing behind an
+        # acknowledgement.  (The space was checked but not held until 2026-12-02: two
+        # instances acknowledged back to back with room for one both passed the check,
+        # and the second could not be indexed.)
+        need = buffer.length + buffer.length // 8 + INDEX_SLACK
+        with self._space_lock:
+            self.check_space(need)
+            self._unspooled += need
         self._ensure_checkpointer()
         try:
             segment, ticket = self.receive_log().append(
                 buffer, calling_ae=calling_ae, calling_host=calling_host, sha256=sha256
             )
-        except OSError as exc:
-            raise _write_error(exc, "the receive log") from exc
+        except BaseException as exc:
+            self._release(need)
+            if isinstance(exc, OSError):
+                raise _write_error(exc, "the receive log") from exc
+            raise
         return Pending(
-            buffer, self.buffers, header, calling_ae, calling_host, segment, ticket, sha256
+            buffer, self.buffers, header, calling_ae, calling_host, segment, ticket, sha256, need
         )
+
+    def _release(self, reserved: int) -> None:
+        with self._space_lock:
+            self._unspooled -= reserved
 
     def wait_durable(self, pending: Pending) -> None:
         """Block until the log sync covers the instance: then it may be acknowledged."""
@@ -291,6 +307,7 @@ class Spool:
         outcome, spooled = self._store_one(
             body, header, pending.sha256, pending.calling_ae, pending.calling_host
         )
+        self._release(pending.reserved)
         self.receive_log().applied(pending.segment, spooled)
         del body
         pending.pool.give(pending.buffer)
@@ -353,7 +370,7 @@ class Spool:
         the receive log); the received file is removed whatever happens.  Raises as
         :meth:`store` does."""
         try:
-            self.check_space(received.length + received.length // 8 + 64 * 2**10)
+            self.check_space(received.length + received.length // 8 + INDEX_SLACK)
             with received.mapped() as body:
                 outcome, _ = self._store_one(
                     body, header, sha256, calling_ae, calling_host, durable=True

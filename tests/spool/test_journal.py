@@ -15,7 +15,8 @@ from pydicom import dcmread
 from pydicom.uid import SegmentationStorage
 
 from dicomnode.db import Database
-from dicomnode.spool import journal
+from dicomnode.errors import OutOfResourcesError
+from dicomnode.spool import journal, store
 from dicomnode.spool.feedback import FeedbackInbox
 from dicomnode.spool.header import read_header
 from dicomnode.spool.index import Index
@@ -251,3 +252,37 @@ def test_a_clean_close_leaves_no_live_segment(tmp_path: Path, phantom_files: lis
     assert time.monotonic() - started < 10
     assert journal.segment_files(tmp_path) == []
     assert _spool(tmp_path).recover() == 0
+
+
+def test_space_is_held_for_acknowledged_instances_until_they_are_spooled(
+    tmp_path: Path, phantom_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    spool = _spool(data)
+    spool.receive_log()  # its segment is written before the free space is pinned
+    bodies = [p.read_bytes() for p in phantom_files[:3]]
+    # Given a disk with room for one instance, its spool file and its index row
+    need = len(bodies[0]) + len(bodies[0]) // 8 + store.INDEX_SLACK
+    monkeypatch.setattr(Spool, "free_bytes", lambda self: need + need // 2)
+
+    def log(body: bytes) -> store.Pending:
+        buffer = spool.buffers.take()
+        buffer.extend(body)
+        return spool.log_instance(
+            buffer,
+            calling_ae="PACS",
+            calling_host="127.0.0.1",
+            header=read_header(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+
+    # When one is acknowledged (logged) and another comes before the first is spooled
+    first = log(bodies[0])
+    spool.wait_durable(first)
+    # Then the second is refused: the first's spool file is not on the disk yet, but its
+    # space is taken
+    with pytest.raises(OutOfResourcesError):
+        log(bodies[1])
+    # And once the first is spooled, its space is the disk's again
+    assert spool.spool_logged(first) is StoreOutcome.STORED
+    spool.wait_durable(log(bodies[2]))
