@@ -27,6 +27,7 @@ reads the headers only and picks the stack to process, by these rules:
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,28 @@ def read_header(path: Path, *, defer_pixels: bool = False) -> Dataset:
         raise ImagingError(f"{path}: unreadable header ({type(exc).__name__}: {exc})") from exc
 
 
+def prefetch(paths: Sequence[Path]) -> None:
+    """Ask the kernel to start reading ``paths`` into memory now (``POSIX_FADV_WILLNEED``),
+    so that reading them one by one overlaps the disk's work: the node writes received
+    instances past the page cache (:func:`dicomnode.fsutil.write_direct`), so a study's
+    files are on the disk, not in memory, when its job starts.  Does nothing where the
+    call is missing or fails (the reads then wait for the disk)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # reported when read
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def select_stack(paths: Sequence[Path]) -> StackChoice:
     """Pick the stack of the series to build the volume from (see the module docstring).
 
@@ -160,6 +183,7 @@ def select_stack(paths: Sequence[Path]) -> StackChoice:
     paths = [Path(p) for p in paths]
     if not paths:
         raise ImagingError("cannot build a volume from an empty series")
+    prefetch(paths)
     frames: list[FrameHeader] = []
     left: list[_LeftOut] = []
     headers: list[Dataset] = []

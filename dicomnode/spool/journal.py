@@ -104,6 +104,12 @@ class RecordBuffer:
         """The bytes received so far (valid until the next :meth:`extend` or reuse)."""
         return memoryview(self._memory)[BLOCK : BLOCK + self.length]
 
+    @property
+    def padded(self) -> memoryview:
+        """The body and what follows it to the next block boundary (page-aligned: for a
+        write that bypasses the page cache, cut to :attr:`length` afterwards)."""
+        return memoryview(self._memory)[BLOCK : BLOCK + _align(self.length)]
+
     def record(self, header: bytes, number: int) -> memoryview:
         """The whole record, header block and end included, ready to write."""
         if _HEAD.size + len(header) > BLOCK:

@@ -37,6 +37,7 @@ from dicomnode.fsutil import (
     fsync_file,
     remove_partial_files,
     write_bytes_atomically,
+    write_direct,
 )
 from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.header import dataset_sha256, drives_processing, read_header
@@ -305,7 +306,12 @@ class Spool:
         version and file name, and the loser must not remove the winner's file."""
         header, body = pending.header, pending.buffer.body
         outcome, spooled = self._store_one(
-            body, header, pending.sha256, pending.calling_ae, pending.calling_host
+            body,
+            header,
+            pending.sha256,
+            pending.calling_ae,
+            pending.calling_host,
+            padded=pending.buffer.padded,
         )
         self._release(pending.reserved)
         self.receive_log().applied(pending.segment, spooled)
@@ -322,9 +328,12 @@ class Spool:
         calling_host: str,
         *,
         durable: bool = False,
+        padded: memoryview | None = None,
     ) -> tuple[StoreOutcome, Path | None]:
         """The spool file and index row of a new instance or version, or nothing for a
-        duplicate; returns the outcome and the file written."""
+        duplicate; returns the outcome and the file written.  ``padded``: ``body`` in
+        page-aligned memory up to a block boundary, written past the page cache
+        (:func:`~dicomnode.fsutil.write_direct`)."""
         uid = header.sop_instance_uid
         with self._uid_locks[zlib.crc32(uid.encode()) % len(self._uid_locks)]:
             versions = self.index.instance_versions(uid)
@@ -347,6 +356,7 @@ class Spool:
                 versions,
                 durable=durable,
                 whole=whole,
+                padded=padded,
             )
 
     # --- instances too large to hold in memory ------------------------------------------
@@ -467,9 +477,11 @@ class Spool:
         *,
         durable: bool = False,
         whole: str | None = None,
+        padded: memoryview | None = None,
     ) -> tuple[StoreOutcome, Path]:
         """Write the spool file and the index row of a new version (no sync unless
-        ``durable``: the receive log holds the bytes)."""
+        ``durable``: the receive log holds the bytes; past the page cache from ``padded``
+        when given and not ``durable``)."""
         version = (versions[-1].version + 1) if versions else 1
         relative = "/".join(
             (
@@ -481,7 +493,10 @@ class Spool:
         )
         final = self.data_dir / relative
         try:
-            write_bytes_atomically(final, encoded, self.tmp, durable=durable)
+            if padded is not None and not durable:
+                write_direct(final, padded, len(encoded), self.tmp)
+            else:
+                write_bytes_atomically(final, encoded, self.tmp, durable=durable)
         except OSError as exc:
             raise _write_error(exc, final.name) from exc
         new = NewInstance(
@@ -514,6 +529,7 @@ class Spool:
                 versions,
                 durable=durable,
                 whole=whole,
+                padded=padded,
             )
         except sqlite3.Error as exc:
             final.unlink(missing_ok=True)

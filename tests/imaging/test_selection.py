@@ -352,3 +352,32 @@ def test_loading_reads_each_file_once_and_keeps_headers_without_pixels(
     # and the same choice loaded again reads its files again, to the same volume
     assert np.array_equal(load_stack(choice).pixels, phantom.hu)
     assert len(parsed) == len(files)
+
+
+def test_a_series_is_prefetched_before_its_headers_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node writes spool files past the page cache: a job asks the kernel to read the
+    # series ahead (WILLNEED, whole files) before it parses them one by one.
+    from dicomnode.imaging import selection
+
+    paths = write_phantom(
+        generate_phantom(PhantomSpec(rows=64, columns=64, slices=6, n_lesions=0)), tmp_path
+    )
+    advised: list[tuple[int, int, int]] = []
+    reads: list[int] = []
+    real_read = selection.read_header
+    monkeypatch.setattr(
+        selection.os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n, how))
+    )
+    monkeypatch.setattr(
+        selection,
+        "read_header",
+        lambda path, **kw: reads.append(len(advised)) or real_read(path, **kw),
+    )
+    select_stack(paths)
+    assert advised == [(0, 0, selection.os.POSIX_FADV_WILLNEED)] * len(paths)
+    assert reads and min(reads) == len(paths)  # all advised before the first header read
+    # A file gone since is left to the read to report
+    selection.prefetch([tmp_path / "gone.dcm", *paths[:1]])
+    assert len(advised) == len(paths) + 1

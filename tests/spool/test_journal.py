@@ -286,3 +286,28 @@ def test_space_is_held_for_acknowledged_instances_until_they_are_spooled(
     # And once the first is spooled, its space is the disk's again
     assert spool.spool_logged(first) is StoreOutcome.STORED
     spool.wait_durable(log(bodies[2]))
+
+
+def test_spool_files_from_the_log_are_written_past_the_page_cache_byte_for_byte(
+    tmp_path: Path, phantom_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[tuple[int, int]] = []
+    real = store.write_direct
+
+    def spy(final: Path, padded: memoryview, length: int, tmp: Path | None = None) -> Path:
+        written.append((len(padded), length))
+        return real(final, padded, length, tmp)
+
+    monkeypatch.setattr(store, "write_direct", spy)
+    spool = _spool(tmp_path)
+    bodies = [p.read_bytes() for p in phantom_files[:3]]
+    for body in bodies:
+        spool.store(body, calling_ae="PACS", calling_host="h", header=read_header(body))
+    # Each spool file went through the direct write, whole blocks of the buffer cut to the
+    # instance's length, and holds the instance exactly
+    assert [length for _, length in written] == [len(b) for b in bodies]
+    assert all(size % journal.BLOCK == 0 and size >= length for size, length in written)
+    for body in bodies:
+        (row,) = spool.index.instance_versions(read_header(body).sop_instance_uid)
+        assert row.path.read_bytes() == body
+    spool.close()
