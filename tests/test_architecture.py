@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parent.parent / "dicomnode"
 
 #: Bottom to top.  A module may import its own layer and those listed before it.
 LAYERS = [
-    {"errors", "fsutil", "audit", "schema", "states", "uids", "db"},
+    {"errors", "fsutil", "audit", "schema", "states", "uids", "db", "shared"},
     {"routing"},
     {"config"},
     {"spool"},

@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable
 from functools import partial
 from importlib.util import find_spec
 from multiprocessing.connection import Connection
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from dicomnode.app.logformat import LogFormat
 from dicomnode.app.metrics import NodeMetrics
 from dicomnode.app.preflight import preflight
-from dicomnode.app.receiver import make_scp, make_spool, receiver_main
+from dicomnode.app.receiver import Shared, make_scp, make_spool, receiver_main
 from dicomnode.app.worker import run_jobs, worker_main
 from dicomnode.audit import AuditLog
 from dicomnode.config import Config
@@ -81,18 +81,13 @@ class Node:
         self.feedback = FeedbackCollector(self.db, self.jobs)
         self.outbox = Outbox(self.db, self.jobs, config.delivery)
         self.audit = AuditLog(config.node.audit_path)
-        self.spool = make_spool(config, self.index)
+        #: What the receiving processes share (``receivers`` > 1): the limits of
+        #: ``max_associations`` and of the free-space watermark are the node's, whichever
+        #: process a connection lands on.
+        self._shared = Shared.make(config.node.receivers)
+        self.spool = make_spool(config, self.index, 0, self._shared)
         self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
-        #: One association count per receiving process, in shared memory: the limit of
-        #: ``max_associations`` is the node's, whichever process a connection lands on.
-        self._association_slots: MutableSequence[int] | None = (
-            mp.get_context("spawn").RawArray("i", config.node.receivers)
-            if config.node.receivers > 1
-            else None
-        )
-        self.scp = make_scp(
-            config, self.spool, self.audit, self.catalog, count_slots=self._association_slots
-        )
+        self.scp = make_scp(config, self.spool, self.audit, self.catalog, shared=self._shared)
         self.scheduler = Scheduler(
             self.index,
             self.jobs,
@@ -267,7 +262,7 @@ class Node:
                 self.port,
                 os.getpid(),
                 writer,
-                self._association_slots,
+                self._shared,
                 self.log_format,
             ),
             name=f"dicomnode-receiver-{number}",

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing as mp
 import signal
 import threading
 from collections.abc import Callable, MutableSequence
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 from types import FrameType
+from typing import Any
 
 from dicomnode.app.logformat import LogFormat, configure_logging
 from dicomnode.app.metrics import PipeReceiveObserver
@@ -30,6 +33,7 @@ from dicomnode.jobs.store import JobStore
 from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import results_root
 from dicomnode.routing.select import explicit_sop_classes
+from dicomnode.shared import ProcessCounts
 from dicomnode.spool.index import Index, InstanceHeader
 from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool
@@ -52,15 +56,41 @@ def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
     return drives
 
 
-def make_spool(config: Config, index: Index, owner: str = "0") -> Spool:
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """What the node's receiving processes share (made by the node when ``[node].receivers``
+    is over 1, handed to each receiver as it starts): per process, the associations open
+    (``max_associations`` is the node's limit) and the free space held for instances
+    acknowledged and not yet spooled (the watermark is the node's), and the lock under
+    which free space is checked and held."""
+
+    associations: MutableSequence[int]
+    held_bytes: MutableSequence[int]
+    held_lock: AbstractContextManager[Any]
+
+    @staticmethod
+    def make(receivers: int) -> Shared | None:
+        if receivers < 2:
+            return None
+        context = mp.get_context("spawn")
+        return Shared(
+            context.RawArray("i", receivers), context.RawArray("q", receivers), context.Lock()
+        )
+
+
+def make_spool(
+    config: Config, index: Index, number: int = 0, shared: Shared | None = None
+) -> Spool:
+    """The spool of receiver ``number`` (the node's own is 0)."""
     return Spool(
         config.node.data_dir,
         index,
         min_free_bytes=config.node.min_free_disk_mb * 2**20,
         rerun_late=config.completeness.late_arrivals == "rerun",
         drives=driving_rule(config),
-        log_owner=owner,
+        log_owner=str(number),
         buffer_limit=4 * config.node.max_associations,
+        held=None if shared is None else ProcessCounts(shared.held_bytes, number, shared.held_lock),
     )
 
 
@@ -71,12 +101,11 @@ def make_scp(
     catalog: Catalog,
     *,
     port: int | None = None,
-    count_slots: MutableSequence[int] | None = None,
     number: int = 0,
+    shared: Shared | None = None,
 ) -> StorageSCP:
     """The SCP of receiver ``number`` (the node's own is 0); with more than one
-    receiver, bound with ``SO_REUSEPORT`` and counting its associations in
-    ``count_slots`` (one per receiver, shared memory: ``max_associations`` is the node's)."""
+    receiver, bound with ``SO_REUSEPORT`` and counting its associations in ``shared``."""
     settings = config.node if port is None else dataclasses.replace(config.node, port=port)
     scp = StorageSCP(
         settings,
@@ -85,8 +114,7 @@ def make_scp(
         catalog=catalog,
         remotes=config.remotes,
         reuse_port=config.node.receivers > 1,
-        count_slots=count_slots,
-        count_slot=number,
+        count=None if shared is None else ProcessCounts(shared.associations, number),
     )
     scp.completes_after_s = config.completeness.quiet_period_s
     return scp
@@ -98,7 +126,7 @@ def receiver_main(
     port: int,
     parent: int,
     metrics: Connection,
-    count_slots: MutableSequence[int],
+    shared: Shared,
     log_format: LogFormat = "text",
 ) -> None:
     """Entry point of receiver process ``number``: the SCP on ``port`` until SIGTERM, then
@@ -115,7 +143,7 @@ def receiver_main(
     db = Database(config.node.data_dir)
     index = Index(db)
     jobs = JobStore(db, config.jobs)
-    spool = make_spool(config, index, str(number))
+    spool = make_spool(config, index, number, shared)
     restored = spool.recover(str(number))
     if restored:
         log.warning("receiver %d: %d instance(s) restored from its receive log", number, restored)
@@ -129,7 +157,7 @@ def receiver_main(
 
     catalog = Catalog(index, results_root(config.node.data_dir), job_state)
     audit = AuditLog(config.node.audit_path)
-    scp = make_scp(config, spool, audit, catalog, port=port, count_slots=count_slots, number=number)
+    scp = make_scp(config, spool, audit, catalog, port=port, number=number, shared=shared)
     observer = PipeReceiveObserver(metrics)
     scp.observer = observer
     scp.start()

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,8 @@ from dicomnode.net.receive import (
     receive_logged,
 )
 from dicomnode.net.tls import server_context
-from dicomnode.net.ul import AssociateRequest, AssociationCount, FastPath
+from dicomnode.net.ul import AssociateRequest, FastPath
+from dicomnode.shared import ProcessCounts
 from dicomnode.spool.index import InstanceHeader
 from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.query import Catalog
@@ -133,15 +134,14 @@ class StorageSCP:
         catalog: Catalog | None = None,
         remotes: tuple[Remote, ...] = (),
         reuse_port: bool = False,
-        count_slots: MutableSequence[int] | None = None,
-        count_slot: int = 0,
+        count: ProcessCounts | None = None,
     ) -> None:
-        """``count_slots``/``count_slot``: the shared association count of the receiving
-        processes on the port and this one's place in it (:class:`AssociationCount`)."""
+        """``count``: the associations open in the node's receiving processes, this one's
+        among them (``max_associations`` is the node's limit); without it, this SCP's own."""
         patches.check_pynetdicom()
         self.reuse_port = reuse_port
         #: Connections open on the port, both paths, every receiving process.
-        self.count = AssociationCount(count_slots, count_slot)
+        self.count = count or ProcessCounts()
         self._slow = 0  # of them, this process's pynetdicom associations
         self.settings = settings
         self.spool = spool

@@ -33,12 +33,13 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
+from dicomnode.shared import ProcessCounts
 from dicomnode.spool.journal import RecordBuffer
 from dicomnode.spool.store import ReceivedFile
 
@@ -678,37 +679,6 @@ class StorageAssociation:
         return view[:count]
 
 
-class AssociationCount:
-    """The connections open on the node's port, both paths, in this process and in the
-    other receiving processes on the port (``[node].receivers``): ``max_associations`` is
-    the node's limit, whichever process the kernel hands a connection to.
-
-    ``slots`` holds one count per receiving process (shared memory, made by the node);
-    each process writes only its own, under a lock of its own, and clears it when it
-    starts, so a receiver killed with associations open leaves no count behind for its
-    successor.  Without ``slots`` the count is this process's alone."""
-
-    def __init__(self, slots: MutableSequence[int] | None = None, own: int = 0) -> None:
-        self._slots: MutableSequence[int] = [0] if slots is None else slots
-        self._own = own if slots is not None else 0
-        self._lock = threading.Lock()
-        self._slots[self._own] = 0
-
-    def change(self, delta: int) -> None:
-        with self._lock:
-            self._slots[self._own] += delta
-
-    @property
-    def total(self) -> int:
-        """Open on the port, every process."""
-        return sum(self._slots[:])
-
-    @property
-    def own(self) -> int:
-        """Open in this process."""
-        return self._slots[self._own]
-
-
 class FastPath:
     """Decides per accepted connection whether the fast path serves it, and keeps count of
     the associations it serves (in ``count`` too: ``max_associations`` counts both paths
@@ -724,10 +694,10 @@ class FastPath:
         timeout: float,
         acse_timeout: Callable[[], float],
         memory_bytes: int = 16 * 2**20,
-        count: AssociationCount | None = None,
+        count: ProcessCounts | None = None,
     ) -> None:
         self.service = service
-        self.count = count or AssociationCount()
+        self.count = count or ProcessCounts()
         self.max_pdu = max_pdu
         self.max_instance_bytes = max_instance_bytes
         self.memory_bytes = memory_bytes

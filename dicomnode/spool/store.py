@@ -39,6 +39,7 @@ from dicomnode.fsutil import (
     write_bytes_atomically,
     write_direct,
 )
+from dicomnode.shared import ProcessCounts
 from dicomnode.spool.feedback import FeedbackInbox, is_feedback_candidate
 from dicomnode.spool.header import dataset_sha256, drives_processing, read_header
 from dicomnode.spool.index import Index, InstanceHeader, InstanceRecord, NewInstance
@@ -163,6 +164,7 @@ class Spool:
         log_owner: str = "0",
         checkpoint_interval_s: float = 1.0,
         buffer_limit: int = 32,
+        held: ProcessCounts | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.root = data_dir / SPOOL_DIR
@@ -184,9 +186,9 @@ class Spool:
         self._stopping = threading.Event()
         self._checkpoint_lock = threading.Lock()
         self._free_estimate, self._free_at = 0, 0.0
-        #: Bytes held for instances acknowledged (in the log) and not yet spooled.
-        self._unspooled = 0
-        self._space_lock = threading.Lock()
+        #: Bytes held for instances acknowledged (in the log) and not yet spooled, by
+        #: every receiving process of the node when it has several.
+        self.held = held or ProcessCounts()
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
@@ -196,10 +198,10 @@ class Spool:
     def check_space(self, incoming: int = 0) -> None:
         """Raise :class:`OutOfResourcesError` when ``incoming`` bytes would leave less than
         the watermark free, counting the space held for instances acknowledged and not yet
-        spooled.  Far from the watermark the free space is estimated (asked of the file
-        system every 0.2 s), near it asked every time."""
+        spooled (by any receiving process).  Far from the watermark the free space is
+        estimated (asked of the file system every 0.2 s), near it asked every time."""
         now = time.monotonic()
-        held = self._unspooled
+        held = self.held.total
         estimate = self._free_estimate - incoming
         if now - self._free_at > 0.2 or estimate - held < self.min_free_bytes + 256 * 2**20:
             self._free_estimate, self._free_at = self.free_bytes(), now
@@ -271,9 +273,9 @@ class Spool:
         # instances acknowledged back to back with room for one both passed the check,
         # and the second could not be indexed.)
         need = buffer.length + buffer.length // 8 + INDEX_SLACK
-        with self._space_lock:
+        with self.held.lock:  # one step across the node's receiving processes
             self.check_space(need)
-            self._unspooled += need
+            self.held.add(need)
         self._ensure_checkpointer()
         try:
             segment, ticket = self.receive_log().append(
@@ -289,8 +291,7 @@ class Spool:
         )
 
     def _release(self, reserved: int) -> None:
-        with self._space_lock:
-            self._unspooled -= reserved
+        self.held.change(-reserved)
 
     def wait_durable(self, pending: Pending) -> None:
         """Block until the log sync covers the instance: then it may be acknowledged."""

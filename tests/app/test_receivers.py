@@ -72,11 +72,11 @@ def _send_all(node: Node, studies: list[list[Path]]) -> dict[Path, int | None]:
 
 def _open_on_port(node: Node, expected: int = 0, timeout: float = 10.0) -> int:
     """The connections the receivers count, once it is ``expected`` or ``timeout`` passed."""
-    assert node._association_slots is not None
+    assert node._shared is not None
     deadline = time.monotonic() + timeout
-    while sum(node._association_slots[:]) != expected and time.monotonic() < deadline:
+    while sum(node._shared.associations[:]) != expected and time.monotonic() < deadline:
         time.sleep(0.05)
-    return sum(node._association_slots[:])
+    return sum(node._shared.associations[:])
 
 
 def _owners(node: Node) -> set[str]:
@@ -150,7 +150,7 @@ def test_a_receiver_killed_mid_transfer_loses_nothing_acknowledged(
         again = _send_all(node, studies)
         assert set(again.values()) == {status.SUCCESS}
         # And the associations the dead receiver held no longer count against the limit
-        assert node._association_slots is not None
+        assert node._shared is not None
         assert _open_on_port(node) == 0
     finally:
         node.stop(timeout=30)

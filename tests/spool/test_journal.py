@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from pydicom.uid import SegmentationStorage
 
 from dicomnode.db import Database
 from dicomnode.errors import OutOfResourcesError
+from dicomnode.shared import ProcessCounts
 from dicomnode.spool import journal, store
 from dicomnode.spool.feedback import FeedbackInbox
 from dicomnode.spool.header import read_header
@@ -311,3 +313,56 @@ def test_spool_files_from_the_log_are_written_past_the_page_cache_byte_for_byte(
         (row,) = spool.index.instance_versions(read_header(body).sop_instance_uid)
         assert row.path.read_bytes() == body
     spool.close()
+
+
+def test_space_held_by_one_receiving_process_counts_for_the_others(
+    tmp_path: Path, phantom_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two receiving processes' spools on one data directory, sharing their held
+    # space as the node sets them up ([node] receivers = 2: shared memory, one lock)
+    data = tmp_path / "data"
+    slots = multiprocessing.get_context("spawn").RawArray("q", 2)
+    lock = multiprocessing.get_context("spawn").Lock()
+    spools = [
+        Spool(
+            data,
+            Index(Database(data)),
+            min_free_bytes=0,
+            checkpoint_interval_s=3600,
+            log_owner=str(n),
+            held=ProcessCounts(slots, n, lock),
+        )
+        for n in range(2)
+    ]
+    for spool in spools:
+        spool.receive_log()  # segments written before the free space is pinned
+    bodies = [p.read_bytes() for p in phantom_files[:3]]
+    # and a disk with room for one instance, its spool file and its index row
+    need = len(bodies[0]) + len(bodies[0]) // 8 + store.INDEX_SLACK
+    monkeypatch.setattr(Spool, "free_bytes", lambda self: need + need // 2)
+
+    def log(spool: Spool, body: bytes) -> store.Pending:
+        buffer = spool.buffers.take()
+        buffer.extend(body)
+        return spool.log_instance(
+            buffer,
+            calling_ae="PACS",
+            calling_host="127.0.0.1",
+            header=read_header(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+
+    # When the first process acknowledges one and the second gets another before the
+    # first is spooled
+    first = log(spools[0], bodies[0])
+    spools[0].wait_durable(first)
+    # Then the second process refuses it: the space is the node's
+    with pytest.raises(OutOfResourcesError):
+        log(spools[1], bodies[1])
+    assert slots[:] == [first.reserved, 0]
+    # And once the first is spooled, the second process may take the next one
+    assert spools[0].spool_logged(first) is StoreOutcome.STORED
+    spools[1].wait_durable(log(spools[1], bodies[2]))
+    # A receiver started again (its predecessor killed) starts from no holds of its own
+    ProcessCounts(slots, 1, lock)
+    assert slots[1] == 0
