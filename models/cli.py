@@ -196,9 +196,12 @@ def _gate(args: argparse.Namespace, predictor: Any, spec: Any) -> int:
     }
     (args.out / "gate.json").write_text(json.dumps(document, indent=1) + "\n")
     for v in report.verdicts:
-        mark = "WORSE" if v.worse else "ok"
+        mark = "WORSE" if v.worse else "-" if v.note else "ok"
         delta = "" if v.delta is None else f"{v.delta:+.4f}"
-        print(f"{mark:>5}  {v.name:<45} {_fmt(v.candidate):>8} vs {_fmt(v.current):>8}  {delta}")
+        why = f"  (not gated: {v.note})" if v.note else ""
+        print(
+            f"{mark:>5}  {v.name:<45} {_fmt(v.candidate):>8} vs {_fmt(v.current):>8}  {delta}{why}"
+        )
     if report.accepted:
         print(f"accepted: no metric worse than {args.against} by more than {args.tolerance:g}")
         return 0

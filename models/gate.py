@@ -9,6 +9,13 @@ volume error, of which the largest absolute value per bucket is gated (lower is 
 fraction, 0.01 is one percentage point).  A metric the current model has and the candidate
 lacks (no lesion of a bucket detected, a ROC without both classes) counts as worse.
 Counts (cases, lesions, components) are not quality metrics and are not gated.
+
+One exception: where the current model tells positive from negative no better than chance
+at a level (recall + specificity <= 1: it calls every slice positive, say), its recall and
+specificity there are a point on the chance diagonal, not a skill, and neither is held
+against the candidate (its accuracy, precision, F1 and ROC-AUC still are).  Without it a
+model that flags every slice (recall 1.0) could never be replaced by one that finds seven
+lesion slices of eight and nothing else.
 """
 
 from __future__ import annotations
@@ -62,6 +69,27 @@ def gated_metrics(task: str, summary: Mapping[str, Any]) -> dict[str, float | No
     return out
 
 
+def chance_level(task: str, summary: Mapping[str, Any]) -> dict[str, str]:
+    """The recall and specificity figures of levels at which the model in ``summary`` is no
+    better than chance (recall + specificity <= 1), by dotted name, with why."""
+    out: dict[str, str] = {}
+    levels = ("slice",) if task == "segmentation" else ("slice", "study")
+    for label, values in summary.get("labels", {}).items():
+        for level in levels:
+            metrics = values.get(level, {})
+            recall, specificity = (
+                _number(metrics.get("recall")),
+                _number(metrics.get("specificity")),
+            )
+            if recall is not None and specificity is not None and recall + specificity <= 1.0:
+                why = (
+                    f"the current model is no better than chance per {level} (recall "
+                    f"{recall:.3g} + specificity {specificity:.3g} <= 1)"
+                )
+                out[f"{label}.{level}.recall"] = out[f"{label}.{level}.specificity"] = why
+    return out
+
+
 def lower_is_better(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in BUCKET_ERRORS
 
@@ -74,6 +102,8 @@ class MetricVerdict:
     #: candidate - current (None when either is missing)
     delta: float | None
     worse: bool
+    #: Why the metric is not gated, when it is not.
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,7 @@ class GateReport:
                     "current": v.current,
                     "delta": v.delta,
                     "worse": v.worse,
+                    **({"not_gated": v.note} if v.note else {}),
                 }
                 for v in self.verdicts
             },
@@ -118,9 +149,14 @@ def compare(
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), not {tolerance}")
     ours, theirs = gated_metrics(task, candidate), gated_metrics(task, current)
+    chance = chance_level(task, current)
     verdicts = []
     for name in sorted(set(ours) | set(theirs)):
         a, b = ours.get(name), theirs.get(name)
+        if name in chance:
+            delta = None if a is None or b is None else a - b
+            verdicts.append(MetricVerdict(name, a, b, delta, False, chance[name]))
+            continue
         if b is None:
             worse, delta = False, None  # nothing to keep
         elif a is None:

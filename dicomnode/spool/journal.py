@@ -432,15 +432,26 @@ def _number(path: Path) -> int:
         return 0
 
 
+#: What segments are filled with: an anonymous mapping, page-aligned and never written.
+_ZEROS = mmap.mmap(-1, 2**20)
+
+
 def _zero_fill(path: Path, size: int) -> None:
     """A file of ``size`` zero bytes, synced; nothing is left of it when that fails (a full
-    disk must not lose its last bytes to a spare segment)."""
-    chunk = bytes(min(size, 2**20))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    disk must not lose its last bytes to a spare segment).  Written past the page cache
+    where the file system allows it: the log is written with ``O_DIRECT`` and so never
+    reads these pages, and a fresh page-cache page costs more CPU than its write on
+    these machines (64 MiB: 0.20-0.25 s of CPU buffered, 0.01-0.03 s direct)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0) if size % BLOCK == 0 else 0
     try:
-        left = size
-        while left > 0:
-            left -= os.write(fd, chunk[: min(left, len(chunk))])
+        fd = os.open(path, flags | direct, 0o640)
+    except OSError:  # no O_DIRECT here (tmpfs)
+        fd = os.open(path, flags, 0o640)
+    try:
+        zeros, offset = memoryview(_ZEROS), 0
+        while offset < size:
+            offset += os.pwrite(fd, zeros[: min(size - offset, len(zeros))], offset)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -133,3 +133,41 @@ def test_models_of_different_tasks_are_not_compared(
     )  # fmt: skip
     assert status == 2
     assert "are not comparable" in capsys.readouterr().err
+
+
+def test_a_current_model_no_better_than_chance_sets_no_recall_or_specificity_bar() -> None:
+    """A model that flags every slice has recall 1.0 by construction: a candidate that finds
+    seven lesion slices of eight and flags nothing else must be able to replace it.  Its
+    precision, accuracy, F1 and AUC are still gated, and so are recall and specificity
+    against a current model with any skill."""
+
+    def summary(recall: float, specificity: float, precision: float) -> dict[str, object]:
+        level = {
+            "recall": recall,
+            "specificity": specificity,
+            "precision": precision,
+            "accuracy": (recall + specificity) / 2,
+        }
+        return {"labels": {"lesion": {"slice": level, "study": dict(level)}}}
+
+    flags_everything = summary(1.0, 0.0, 0.1)
+    real = summary(0.875, 0.99, 0.9)
+    report = compare("segmentation", real, flags_everything, 0.01)
+    assert report.accepted
+    (recall,) = [v for v in report.verdicts if v.name == "lesion.slice.recall"]
+    assert not recall.worse and recall.delta == pytest.approx(-0.125)
+    assert recall.note is not None and "no better than chance" in recall.note
+    assert report.to_dict()["metrics"]["lesion.slice.recall"]["not_gated"] == recall.note
+    # classification gates slice and study alike
+    assert compare("classification", real, flags_everything, 0.01).accepted
+    # the rest is gated still: a candidate less precise than the flag-everything model fails
+    worse = compare("segmentation", summary(0.9, 0.5, 0.05), flags_everything, 0.01)
+    assert [v.name for v in worse.worse] == ["lesion.slice.precision"]
+    # a current model with skill (recall + specificity > 1) keeps its recall bar
+    skilled = summary(1.0, 0.2, 0.2)
+    assert [v.name for v in compare("segmentation", real, skilled, 0.01).worse] == [
+        "lesion.slice.recall"
+    ]
+    # and so does a model that flags nothing: its specificity is not a bar either
+    flags_nothing = summary(0.0, 1.0, 0.0)
+    assert compare("segmentation", real, flags_nothing, 0.01).accepted

@@ -366,3 +366,13 @@ def test_space_held_by_one_receiving_process_counts_for_the_others(
     # A receiver started again (its predecessor killed) starts from no holds of its own
     ProcessCounts(slots, 1, lock)
     assert slots[1] == 0
+
+
+@pytest.mark.parametrize("size", [journal.BLOCK * 300, 3 * 2**20 + 5])
+def test_segments_are_zero_filled_whole(tmp_path: Path, size: int) -> None:
+    # Whole blocks go past the page cache; any other size (never asked by the log) is
+    # written buffered; either way the file is zeros to its size, synced.
+    path = tmp_path / "free-x.log"
+    journal._zero_fill(path, size)
+    data = path.read_bytes()
+    assert len(data) == size and data.count(0) == size
