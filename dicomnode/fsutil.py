@@ -106,8 +106,12 @@ def write_direct(final: Path, padded: memoryview, length: int, tmp_dir: Path | N
         finally:
             os.close(fd)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+            # Opened, but its writes refused (a file system that takes the flag and not
+            # the transfer, or a block size over DIRECT_BLOCK): the page cache after all.
+            return write_bytes_atomically(final, padded[:length], tmp_dir, durable=False)
         raise
     return final
 

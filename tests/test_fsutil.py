@@ -75,6 +75,30 @@ def test_a_file_system_without_o_direct_gets_a_buffered_write(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.dcm"]
 
 
+def test_a_file_system_that_refuses_the_direct_transfer_gets_a_buffered_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file system that opens with O_DIRECT but refuses the transfer (EINVAL)
+    real_open, direct_fds = os.open, set()
+
+    def remember(path: str | Path, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refuse(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(fsutil.os, "open", remember)
+    monkeypatch.setattr(fsutil.os, "pwrite", refuse)
+    data = os.urandom(10_000)
+    final = write_direct(tmp_path / "x.dcm", _padded(data), len(data), tmp_path)
+    assert final.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.dcm"]
+    assert direct_fds or not _direct_supported(tmp_path)
+
+
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

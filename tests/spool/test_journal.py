@@ -37,6 +37,20 @@ def _buffer(body: bytes) -> RecordBuffer:
     return buffer
 
 
+def _log(spool: Spool, body: bytes) -> store.Pending:
+    """An instance into the spool's receive log, as the fast path logs it (not yet durable,
+    not yet spooled)."""
+    buffer = spool.buffers.take()
+    buffer.extend(body)
+    return spool.log_instance(
+        buffer,
+        calling_ae="PACS",
+        calling_host="127.0.0.1",
+        header=read_header(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
 def _append(log: ReceiveLog, body: bytes) -> None:
     """Append, sync and mark applied: a store that went all the way."""
     segment, ticket = log.append(
@@ -151,16 +165,7 @@ def test_recovery_restores_acknowledged_instances_the_spool_never_got(
     encoded = [p.read_bytes() for p in phantom_files[:4]]
     # Given instances acknowledged (in the log, synced) whose spooling a crash prevented
     for body in encoded:
-        buffer = spool.buffers.take()
-        buffer.extend(body)
-        pending = spool.log_instance(
-            buffer,
-            calling_ae="PACS",
-            calling_host="127.0.0.1",
-            header=read_header(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-        )
-        spool.wait_durable(pending)
+        spool.wait_durable(_log(spool, body))
     assert spool.index.instance_count(read_header(encoded[0]).study_instance_uid) == 0
     # When the node starts again
     again = _spool(data)
@@ -267,27 +272,16 @@ def test_space_is_held_for_acknowledged_instances_until_they_are_spooled(
     need = len(bodies[0]) + len(bodies[0]) // 8 + store.INDEX_SLACK
     monkeypatch.setattr(Spool, "free_bytes", lambda self: need + need // 2)
 
-    def log(body: bytes) -> store.Pending:
-        buffer = spool.buffers.take()
-        buffer.extend(body)
-        return spool.log_instance(
-            buffer,
-            calling_ae="PACS",
-            calling_host="127.0.0.1",
-            header=read_header(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-        )
-
     # When one is acknowledged (logged) and another comes before the first is spooled
-    first = log(bodies[0])
+    first = _log(spool, bodies[0])
     spool.wait_durable(first)
     # Then the second is refused: the first's spool file is not on the disk yet, but its
     # space is taken
     with pytest.raises(OutOfResourcesError):
-        log(bodies[1])
+        _log(spool, bodies[1])
     # And once the first is spooled, its space is the disk's again
     assert spool.spool_logged(first) is StoreOutcome.STORED
-    spool.wait_durable(log(bodies[2]))
+    spool.wait_durable(_log(spool, bodies[2]))
 
 
 def test_spool_files_from_the_log_are_written_past_the_page_cache_byte_for_byte(
@@ -341,28 +335,17 @@ def test_space_held_by_one_receiving_process_counts_for_the_others(
     need = len(bodies[0]) + len(bodies[0]) // 8 + store.INDEX_SLACK
     monkeypatch.setattr(Spool, "free_bytes", lambda self: need + need // 2)
 
-    def log(spool: Spool, body: bytes) -> store.Pending:
-        buffer = spool.buffers.take()
-        buffer.extend(body)
-        return spool.log_instance(
-            buffer,
-            calling_ae="PACS",
-            calling_host="127.0.0.1",
-            header=read_header(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-        )
-
     # When the first process acknowledges one and the second gets another before the
     # first is spooled
-    first = log(spools[0], bodies[0])
+    first = _log(spools[0], bodies[0])
     spools[0].wait_durable(first)
     # Then the second process refuses it: the space is the node's
     with pytest.raises(OutOfResourcesError):
-        log(spools[1], bodies[1])
+        _log(spools[1], bodies[1])
     assert slots[:] == [first.reserved, 0]
     # And once the first is spooled, the second process may take the next one
     assert spools[0].spool_logged(first) is StoreOutcome.STORED
-    spools[1].wait_durable(log(spools[1], bodies[2]))
+    spools[1].wait_durable(_log(spools[1], bodies[2]))
     # A receiver started again (its predecessor killed) starts from no holds of its own
     ProcessCounts(slots, 1, lock)
     assert slots[1] == 0
