@@ -84,7 +84,7 @@ class Node:
         #: What the receiving processes share (``receivers`` > 1): the limits of
         #: ``max_associations`` and of the free-space watermark are the node's, whichever
         #: process a connection lands on.
-        self._shared = Shared.make(config.node.receivers)
+        self._shared = Shared.make(config.node.receivers, config.node.data_dir)
         self.spool = make_spool(config, self.index, 0, self._shared)
         self.catalog = Catalog(self.index, results_root(config.node.data_dir), self._job_state)
         self.scp = make_scp(config, self.spool, self.audit, self.catalog, shared=self._shared)

@@ -18,10 +18,9 @@ import multiprocessing as mp
 import signal
 import threading
 from collections.abc import Callable, MutableSequence
-from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from dicomnode.app.logformat import LogFormat, configure_logging
 from dicomnode.app.metrics import PipeReceiveObserver
@@ -33,13 +32,16 @@ from dicomnode.jobs.store import JobStore
 from dicomnode.net.scp import StorageSCP
 from dicomnode.outputs.layout import results_root
 from dicomnode.routing.select import explicit_sop_classes
-from dicomnode.shared import ProcessCounts
+from dicomnode.shared import ProcessCounts, ProcessLock
 from dicomnode.spool.index import Index, InstanceHeader
 from dicomnode.spool.query import Catalog
 from dicomnode.spool.store import Spool
 from dicomnode.uids import is_image_storage, is_own_uid
 
 log = logging.getLogger(__name__)
+
+#: The file the receiving processes lock while they check and hold free space.
+HELD_LOCK = "held-space.lock"
 
 
 def driving_rule(config: Config) -> Callable[[InstanceHeader], bool]:
@@ -61,20 +63,24 @@ class Shared:
     """What the node's receiving processes share (made by the node when ``[node].receivers``
     is over 1, handed to each receiver as it starts): per process, the associations open
     (``max_associations`` is the node's limit) and the free space held for instances
-    acknowledged and not yet spooled (the watermark is the node's), and the lock under
-    which free space is checked and held."""
+    acknowledged and not yet spooled (the watermark is the node's), and the file each
+    process locks while it checks and holds free space (:class:`ProcessLock`: released by
+    the kernel when a receiver dies holding it)."""
 
     associations: MutableSequence[int]
     held_bytes: MutableSequence[int]
-    held_lock: AbstractContextManager[Any]
+    held_lock: Path
 
     @staticmethod
-    def make(receivers: int) -> Shared | None:
+    def make(receivers: int, data_dir: Path) -> Shared | None:
         if receivers < 2:
             return None
         context = mp.get_context("spawn")
+        data_dir.mkdir(parents=True, exist_ok=True)
         return Shared(
-            context.RawArray("i", receivers), context.RawArray("q", receivers), context.Lock()
+            context.RawArray("i", receivers),
+            context.RawArray("q", receivers),
+            data_dir / HELD_LOCK,
         )
 
 
@@ -90,7 +96,11 @@ def make_spool(
         drives=driving_rule(config),
         log_owner=str(number),
         buffer_limit=4 * config.node.max_associations,
-        held=None if shared is None else ProcessCounts(shared.held_bytes, number, shared.held_lock),
+        # A receiver started again keeps what its predecessor held until it has replayed
+        # that one's receive log (Spool.recover resets it).
+        held=None
+        if shared is None
+        else ProcessCounts(shared.held_bytes, number, ProcessLock(shared.held_lock), clear=False),
     )
 
 

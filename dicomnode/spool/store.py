@@ -671,6 +671,7 @@ class Spool:
         idempotent), since a crash may have come between its index row and its note."""
         paths = segment_files(self.data_dir, owner)
         if not paths:
+            self.held.reset()  # nothing of a predecessor's left unspooled
             return 0
         restored = 0
         logged: set[str] = set()
@@ -703,6 +704,7 @@ class Spool:
         for path in paths:
             path.unlink()
         fsync_dir(self.data_dir / LOG_DIR)
+        self.held.reset()  # what a predecessor of this process held is spooled now
         if restored:
             log.warning("receive log: %d acknowledged instance(s) restored", restored)
         return restored

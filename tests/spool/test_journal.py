@@ -17,7 +17,7 @@ from pydicom.uid import SegmentationStorage
 
 from dicomnode.db import Database
 from dicomnode.errors import OutOfResourcesError
-from dicomnode.shared import ProcessCounts
+from dicomnode.shared import ProcessCounts, ProcessLock
 from dicomnode.spool import journal, store
 from dicomnode.spool.feedback import FeedbackInbox
 from dicomnode.spool.header import read_header
@@ -313,28 +313,29 @@ def test_space_held_by_one_receiving_process_counts_for_the_others(
     tmp_path: Path, phantom_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given two receiving processes' spools on one data directory, sharing their held
-    # space as the node sets them up ([node] receivers = 2: shared memory, one lock)
+    # space as the node sets them up ([node] receivers = 2: shared memory, a locked file)
     data = tmp_path / "data"
+    data.mkdir()
     slots = multiprocessing.get_context("spawn").RawArray("q", 2)
-    lock = multiprocessing.get_context("spawn").Lock()
-    spools = [
-        Spool(
+
+    def spool_of(n: int) -> Spool:
+        held = ProcessCounts(slots, n, ProcessLock(data / "held.lock"), clear=False)
+        return Spool(
             data,
             Index(Database(data)),
             min_free_bytes=0,
             checkpoint_interval_s=3600,
             log_owner=str(n),
-            held=ProcessCounts(slots, n, lock),
+            held=held,
         )
-        for n in range(2)
-    ]
+
+    spools = [spool_of(0), spool_of(1)]
     for spool in spools:
         spool.receive_log()  # segments written before the free space is pinned
-    bodies = [p.read_bytes() for p in phantom_files[:3]]
+    bodies = [p.read_bytes() for p in phantom_files[:4]]
     # and a disk with room for one instance, its spool file and its index row
     need = len(bodies[0]) + len(bodies[0]) // 8 + store.INDEX_SLACK
     monkeypatch.setattr(Spool, "free_bytes", lambda self: need + need // 2)
-
     # When the first process acknowledges one and the second gets another before the
     # first is spooled
     first = _log(spools[0], bodies[0])
@@ -345,10 +346,16 @@ def test_space_held_by_one_receiving_process_counts_for_the_others(
     assert slots[:] == [first.reserved, 0]
     # And once the first is spooled, the second process may take the next one
     assert spools[0].spool_logged(first) is StoreOutcome.STORED
-    spools[1].wait_durable(_log(spools[1], bodies[2]))
-    # A receiver started again (its predecessor killed) starts from no holds of its own
-    ProcessCounts(slots, 1, lock)
-    assert slots[1] == 0
+    third = _log(spools[1], bodies[2])
+    spools[1].wait_durable(third)
+    # When the second process dies with that instance acknowledged and not spooled, its
+    # successor counts what it held until it has replayed its receive log
+    successor = spool_of(1)
+    assert slots[:] == [0, third.reserved]
+    assert successor.recover("1") == 1
+    assert slots[:] == [0, 0]
+    (row,) = successor.index.instance_versions(read_header(bodies[2]).sop_instance_uid)
+    assert row.path.read_bytes() == bodies[2]
 
 
 @pytest.mark.parametrize("size", [journal.BLOCK * 300, 3 * 2**20 + 5])
