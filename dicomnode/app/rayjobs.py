@@ -195,6 +195,8 @@ class RayJobs:
         ctx = WorkerContext.open(self.config)
         actor = self.actors[number]
         lost = threading.Event()
+        if not self.await_actor(number, stop, restarting=False):
+            return  # it claims no job before its actor runs: the others take them
 
         def process(job: Job, destinations: list[str]) -> JobOutcome:
             try:
@@ -211,11 +213,19 @@ class RayJobs:
             elif run_one(ctx, process) is None:
                 stop.wait(0.2)
 
-    def await_actor(self, number: int, stop: threading.Event, warn_after_s: float = 60.0) -> bool:
-        """Wait until actor ``number`` answers (Ray restarts it on a node with room): True;
-        False when ``stop`` is set first or Ray gave up on the actor."""
+    def await_actor(
+        self,
+        number: int,
+        stop: threading.Event,
+        warn_after_s: float = 60.0,
+        *,
+        restarting: bool = True,
+    ) -> bool:
+        """Wait until actor ``number`` answers (Ray starts it, or restarts it on a node with
+        room): True; False when ``stop`` is set first or Ray gave up on the actor."""
         actor = self.actors[number]
-        log.info("Ray actor %d is restarting", number)
+        if restarting:
+            log.info("Ray actor %d is restarting", number)
         started = warned = time.monotonic()
         while not stop.is_set():
             try:
@@ -235,7 +245,10 @@ class RayJobs:
             except RayActorError as exc:  # dead for good (Ray gave up restarting it)
                 log.error("Ray actor %d is lost: %s; its job loop ends", number, exc)
                 return False
-            log.info("Ray actor %d answers on node %s", number, node)
+            if restarting:
+                log.info("Ray actor %d answers on node %s", number, node)
+            else:
+                log.info("Ray actor %d started on node %s", number, node)
             return True
         return False
 

@@ -191,12 +191,16 @@ def test_second_node_killed_mid_batch_costs_no_study(two_nodes: RayCluster, tmp_
     # At least the one waiting behind the running one (a study takes about half a second);
     # a study sent there between the look and the kill may have died too, none after it:
     # the actor gets nothing while Ray restarts it (that would only spend attempts), and
-    # it answers again from the head.
+    # it answers again from the head (unless the other actor finished the batch first:
+    # then it was sent nothing more at all).
     actor = re.findall(rf"Ray actor (\d+) answers on node {second}", err)[0]
     restarting = err.index(f"Ray actor {actor} is restarting")
     back = re.compile(rf"Ray actor {actor} answers on node (\w+)").search(err, restarting)
-    assert back is not None and back.group(1) != second, err[restarting:][:3000]
-    assert f"sent to actor {actor} on" not in err[restarting : back.start()]
+    if back is None:
+        assert f"sent to actor {actor} on" not in err[restarting:], err[restarting:][:3000]
+    else:
+        assert back.group(1) != second, err[restarting:][:3000]
+        assert f"sent to actor {actor} on" not in err[restarting : back.start()]
     assert died & held and died <= sent_to(err[:restarting], second), f"in hand {held}, {died}"
     assert_same_results(tmp_path / "local", tmp_path / "out")
     placed = dict(PLACED.findall(err))

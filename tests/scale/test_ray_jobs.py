@@ -40,6 +40,7 @@ def free_port() -> int:
 
 PORT = free_port()
 PROCESSED = re.compile(r"job (\d+): processed on node (\w+)")
+STARTED = re.compile(r"Ray actor (\d+) started on node (\w+)")
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -160,8 +161,13 @@ def test_node_runs_its_jobs_on_both_nodes(
     node = ServedNode(two_nodes, node_config(tmp_path, two_nodes, PORT), tmp_path / "node.log")
     index = IndexView(tmp_path / "data")
     try:
-        files = [f for study in studies.values() for f in study]
-        assert send(two_nodes, storescu, files) == files
+        # Both actors run (one on each node) before the studies come, and the studies come
+        # side by side (one association each), so the four jobs are queued together: a job
+        # loop takes none before its actor runs, and each takes one of them at once.
+        wait_until(lambda: len(STARTED.findall(node.text())) == 2, 120, "both Ray actors to start")
+        with ThreadPoolExecutor(len(studies)) as pool:
+            sent = list(pool.map(partial(send, two_nodes, storescu), studies.values()))
+        assert sent == list(studies.values())
 
         wait_until(
             lambda: index.job_states() == Counter(done=4) and not index.phases(),
@@ -172,9 +178,12 @@ def test_node_runs_its_jobs_on_both_nodes(
     finally:
         node.stop()
     check_every_study_has_exactly_its_results(tmp_path, index, studies)
-    nodes = {node_id for _, node_id in PROCESSED.findall(node.text())}
-    assert len(nodes) == 2, "the jobs did not run on both nodes"
-    assert "stopped; queued work stays" in node.text()  # SIGTERM: a graceful stop
+    text = node.text()
+    placed = dict(STARTED.findall(text))
+    assert sorted(placed.values()) == sorted(two_nodes.node_ids().values()), placed
+    nodes = {node_id for _, node_id in PROCESSED.findall(text)}
+    assert nodes == set(placed.values()), "the jobs did not run on both nodes"
+    assert "stopped; queued work stays" in text  # SIGTERM: a graceful stop
 
 
 def test_second_node_killed_mid_job_loses_nothing(
