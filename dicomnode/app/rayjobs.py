@@ -192,11 +192,11 @@ class RayJobs:
 
     def run(self, number: int, stop: threading.Event) -> None:
         """Thread ``number``'s job loop, with actor ``number``, until ``stop`` is set."""
+        if not self.await_actor(number, stop, restarting=False):
+            return  # it claims no job before its actor runs: the others take them
         ctx = WorkerContext.open(self.config)
         actor = self.actors[number]
         lost = threading.Event()
-        if not self.await_actor(number, stop, restarting=False):
-            return  # it claims no job before its actor runs: the others take them
 
         def process(job: Job, destinations: list[str]) -> JobOutcome:
             try:

@@ -45,7 +45,15 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def node_config(folder: Path, cluster: RayCluster, port: int, quiet_s: float = 1.0) -> Path:
+def node_config(
+    folder: Path,
+    cluster: RayCluster,
+    port: int,
+    quiet_s: float = 1.0,
+    *,
+    actors: int = 2,
+    num_cpus: int = 1,
+) -> Path:
     seg = threshold_segmenter(folder / "seg")
     cls = max_classifier(folder / "cls")
     path = folder / "node.toml"
@@ -65,8 +73,8 @@ backoff_initial_s = 0.5
 backoff_max_s = 2.0
 [ray]
 address = "{cluster.address}"
-actors = 2
-num_cpus = 1
+actors = {actors}
+num_cpus = {num_cpus}
 [[folders]]
 name = "out"
 path = "{folder / "delivered"}"
@@ -158,12 +166,15 @@ def test_node_runs_its_jobs_on_both_nodes(
     two_nodes: RayCluster, tmp_path: Path, storescu: str
 ) -> None:
     studies = write_studies(tmp_path / "in", 4, TINY)
-    node = ServedNode(two_nodes, node_config(tmp_path, two_nodes, PORT), tmp_path / "node.log")
+    # Three actors of 2 CPUs on two nodes of 2 CPUs: the third has no room and never
+    # starts.  Its job loop takes no job (one it took would stay "running" for good).
+    config = node_config(tmp_path, two_nodes, PORT, actors=3, num_cpus=2)
+    node = ServedNode(two_nodes, config, tmp_path / "node.log")
     index = IndexView(tmp_path / "data")
     try:
-        # Both actors run (one on each node) before the studies come, and the studies come
-        # side by side (one association each), so the four jobs are queued together: a job
-        # loop takes none before its actor runs, and each takes one of them at once.
+        # Both actors that fit run (one on each node) before the studies come, and the
+        # studies come side by side (one association each), so the four jobs are queued
+        # together: each running actor's loop takes one of them at once.
         wait_until(lambda: len(STARTED.findall(node.text())) == 2, 120, "both Ray actors to start")
         with ThreadPoolExecutor(len(studies)) as pool:
             sent = list(pool.map(partial(send, two_nodes, storescu), studies.values()))
